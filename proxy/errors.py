@@ -1,0 +1,65 @@
+"""Every exception message-proxy raises on purpose.
+
+    ProxyError
+    ├── ConfigError            bad config file or environment; names the key; exit code 2
+    ├── RouteError             a message cannot be routed (permanent, per message)
+    │   ├── TemplateError      reason "template": a placeholder has no value in this message
+    │   ├── NotJsonError       reason "not-json": a json match or placeholder, body is not a JSON object
+    │   └── PluginError        reason "plugin-error": the user's callable raised
+    └── DestinationError       a destination did not accept a publish
+        ├── TransientError     connection lost, timeout: hold the batch and retry with backoff
+        └── PermanentError     the destination refused this one message: dead-letter it
+
+Third-party errors (aiormq, redis) are translated at the sink boundary with ``raise ... from exc``;
+nothing above the sinks catches a library's exception type.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every exception message-proxy raises on purpose."""
+
+
+class ConfigError(ProxyError):
+    """The configuration is invalid. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+class RouteError(ProxyError):
+    """A message cannot be routed; it is dead-lettered with ``reason``."""
+
+    reason = "unrouted"
+
+
+class TemplateError(RouteError):
+    reason = "template"
+
+
+class NotJsonError(RouteError):
+    reason = "not-json"
+
+
+class PluginError(RouteError):
+    reason = "plugin-error"
+
+
+class DestinationError(ProxyError):
+    """A destination did not accept a publish."""
+
+
+class TransientError(DestinationError):
+    """Worth retrying: the destination is unreachable, slow, or restarting."""
+
+
+class PermanentError(DestinationError):
+    """Not worth retrying: ``reason`` is one of the dead-letter reason codes."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
