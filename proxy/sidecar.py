@@ -234,7 +234,10 @@ class _Loop:
             except OSError as exc:
                 log.debug("health sidecar accept failed: %r", exc)
                 if exc.errno in _OUT_OF_FDS:
-                    self._evict_oldest()
+                    if self._conns:
+                        self._evict_oldest()
+                    else:  # the rest of the process holds the fds: don't spin on the listener
+                        self._stopping.wait(0.05)
                 return
             sock.setblocking(False)
             if len(self._conns) >= MAX_CONNECTIONS:
