@@ -4,7 +4,7 @@
     ├── ConfigError            bad config file or environment; names the key; exit code 2
     ├── RouteError             a message cannot be routed (permanent, per message)
     │   ├── TemplateError      reason "template": a placeholder has no value in this message
-    │   ├── NotJsonError       reason "not-json": a json match or placeholder, body is not a JSON object
+    │   ├── NotJsonError       reason "not-json": json match or placeholder, body not a JSON object
     │   └── PluginError        reason "plugin-error": the user's callable raised
     └── DestinationError       a destination did not accept a publish
         ├── TransientError     connection lost, timeout: hold the batch and retry with backoff

@@ -31,7 +31,8 @@ class Metrics:
             ("route", "destination"),
         )
         self.messages_acked = counter(
-            "messages_acked", "Deliveries acked to RabbitMQ after all destinations accepted.",
+            "messages_acked",
+            "Deliveries acked to RabbitMQ after all destinations accepted.",
             ("queue",),
         )
         self.messages_dead_lettered = counter(
@@ -41,7 +42,8 @@ class Metrics:
             "messages_unrouted", "Messages that matched no route.", ("queue",)
         )
         self.publish_errors = counter(
-            "publish_errors", "Failed publish attempts, by destination and error kind.",
+            "publish_errors",
+            "Failed publish attempts, by destination and error kind.",
             ("destination", "error"),
         )
         self.reconnects = counter(
@@ -54,28 +56,38 @@ class Metrics:
             "dedupe_skipped", "Messages written without de-duplication, by reason.", ("reason",)
         )
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Deliveries per flushed batch.",
-            buckets=BATCH_SIZE_BUCKETS, registry=registry,
+            f"{PREFIX}_batch_size",
+            "Deliveries per flushed batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
         )
         self.flush_duration = Histogram(
-            f"{PREFIX}_flush_duration_seconds", "Time from batch start to its ack.",
-            buckets=FLUSH_BUCKETS, registry=registry,
+            f"{PREFIX}_flush_duration_seconds",
+            "Time from batch start to its ack.",
+            buckets=FLUSH_BUCKETS,
+            registry=registry,
         )
         self.end_to_end_latency = Histogram(
             f"{PREFIX}_end_to_end_latency_seconds",
             "From the message timestamp property to its ack (only messages that carry one).",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inflight = Gauge(
-            f"{PREFIX}_inflight_messages", "Deliveries received and not yet acked.",
+            f"{PREFIX}_inflight_messages",
+            "Deliveries received and not yet acked.",
             registry=registry,
         )
         self.broker_up = Gauge(
-            f"{PREFIX}_broker_up", "1 while connected to the broker.", ("broker",),
+            f"{PREFIX}_broker_up",
+            "1 while connected to the broker.",
+            ("broker",),
             registry=registry,
         )
         self.build_info = Gauge(
-            f"{PREFIX}_build_info", "Always 1; labels carry the build.", ("version", "role"),
+            f"{PREFIX}_build_info",
+            "Always 1; labels carry the build.",
+            ("version", "role"),
             registry=registry,
         )
         self.build_info.labels(version=version, role=role).set(1)

@@ -1,0 +1,1 @@
+"""Thin entry points, one per worker role: ``python -m workers.<role>``."""

@@ -1,0 +1,48 @@
+"""Destinations. One small Protocol; one module per kind of sink.
+
+A sink takes a batch of ``Publish`` items and returns one outcome per item, in order: ``None`` when
+the destination accepted it, a ``PermanentError`` when it refused that one item for good. When the
+destination cannot be reached at all it raises ``TransientError`` and the caller retries the batch.
+Sinks translate their client library's exceptions into these; nothing else crosses this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.encoding import DeadLetterInfo
+from proxy.errors import PermanentError
+from proxy.message import Message
+from proxy.routing import Target
+
+Outcome = PermanentError | None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    message: Message
+    target: Target
+    dead_letter: DeadLetterInfo | None = None
+
+
+class Sink(Protocol):
+    """A destination broker."""
+
+    @property
+    def broker(self) -> str:
+        """Name used for readiness and the ``broker_up`` metric: ``redis``, ``amqp_out``..."""
+        ...
+
+    async def connect(self) -> None:
+        """Open connections; raises ``TransientError`` when the broker cannot be reached."""
+        ...
+
+    async def ping(self) -> None:
+        """Check the broker answers (reconnecting if needed); raises ``TransientError``."""
+        ...
+
+    async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,255 @@
+"""``message-proxy run | check | route`` (CONTRACT.md section 7).
+
+Exit codes: 0 clean stop, 2 usage or config error, 1 fatal runtime error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from proxy import __version__
+from proxy.config import Config, StreamDestination, config_path, display_url, load_config
+from proxy.errors import ConfigError
+from proxy.message import Message
+from proxy.routing import Rejected, Router, StreamTarget, Target
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("proxy.cli")
+
+
+def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="RabbitMQ to Redis Streams and AMQP.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    if role_only:
+        parser.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+        return parser
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a worker with every destination kind")
+    run.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    check = commands.add_parser("check", help="validate the config and print the routes")
+    check.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    route = commands.add_parser("route", help="dry run: which routes a message would take")
+    route.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    route.add_argument("--routing-key", required=True)
+    route.add_argument("--exchange", default="")
+    route.add_argument("--queue", default=None, help="source queue (default: the first source)")
+    route.add_argument("--header", action="append", default=[], metavar="K=V")
+    route.add_argument("--content-type", default=None)
+    route.add_argument("--message-id", default=None)
+    route.add_argument("--body", default="", help="the body, or @FILE to read it from a file")
+    route.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser("message-proxy", role_only=False).parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": lambda a: run_worker(_load(a), role="all"),
+        "check": lambda a: check(_load(a)),
+        "route": lambda a: dry_run(_load(a), a),
+    }
+    return _guarded(lambda: commands[args.command](args))
+
+
+def role_main(role: str, argv: Sequence[str] | None = None) -> int:
+    args = _parser(f"python -m workers.{role.replace('-', '_')}", role_only=True).parse_args(argv)
+    return _guarded(lambda: run_worker(_load(args), role=role))
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    try:
+        return command()
+    except ConfigError as exc:
+        print(f"message-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_worker(config: Config, *, role: str) -> int:
+    from proxy.logs import configure_logging
+    from proxy.metrics import Metrics
+    from proxy.sidecar import Sidecar
+    from proxy.state import HealthState
+    from proxy.worker import build_sinks
+
+    configure_logging(config.log_level)
+    sinks = build_sinks(config, role)  # role errors are config errors: exit 2 before anything runs
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry, role=role, version=__version__)
+    health = HealthState()
+    sidecar = Sidecar(
+        host=config.health.host, port=config.health.port, state=health, registry=registry
+    )
+    try:
+        sidecar.start()
+    except OSError as exc:
+        log.error(
+            "health sidecar cannot listen on %s:%d: %s", config.health.host, config.health.port, exc
+        )
+        return EXIT_FATAL
+    log.info("message-proxy %s starting as %s", __version__, role)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(config, role, metrics, health, sinks))
+    except Exception as exc:
+        log.error("fatal: %s: %s", type(exc).__name__, exc)
+        log.debug("fatal error", exc_info=True)
+        return EXIT_FATAL
+    finally:
+        sidecar.stop()
+
+
+async def _serve(
+    config: Config, role: str, metrics: Any, health: Any, sinks: dict[type[Target], Any]
+) -> int:
+    from proxy.worker import Worker, install_signal_handlers
+
+    worker = Worker(config, role=role, metrics=metrics, health=health, sinks=sinks)
+    main_task = asyncio.create_task(worker.run(), name="worker")
+    install_signal_handlers(worker, main_task)
+    try:
+        await main_task
+    except asyncio.CancelledError:
+        return EXIT_FATAL  # a second signal: stopped without draining
+    log.info("stopped")
+    return EXIT_OK
+
+
+# --- check -------------------------------------------------------------------------------------
+
+
+def _describe_destination(destination: Any) -> str:
+    if isinstance(destination, StreamDestination):
+        extra = f" maxlen~{destination.maxlen}" if destination.maxlen else ""
+        return f"stream {destination.stream}{extra}{' dedupe' if destination.dedupe else ''}"
+    return f"exchange {destination.exchange!r} routing_key {destination.routing_key}"
+
+
+def check(config: Config) -> int:
+    print(f"amqp: {display_url(config.amqp.url)} (prefetch {config.amqp.prefetch})")
+    if config.amqp_out is not None:
+        print(f"amqp_out: {display_url(config.amqp_out.url)}")
+    if config.uses_streams():
+        print(f"redis: {display_url(config.redis.url)}")
+    for source in config.sources:
+        bindings = ", ".join(f"{b.exchange}/{b.routing_key}" for b in source.bindings) or "none"
+        print(f"source {source.queue} (declare={source.declare}; bindings: {bindings})")
+    for route in config.routes:
+        matches = route.match.model_dump(exclude_defaults=True, by_alias=True)
+        print(
+            f"route {route.name}: match {matches or 'everything'}"
+            f"{' (continue)' if route.continue_ else ''}"
+        )
+        for destination in route.to:
+            print(f"  -> {_describe_destination(destination)}")
+    if config.dead_letter is not None:
+        print(f"dead letters -> {_describe_destination(config.dead_letter.destination())}")
+    else:
+        print("dead letters -> rejected without requeue (the queue's own DLX applies)")
+    print(f"unrouted: {config.unrouted}")
+    print("config OK")
+    return EXIT_OK
+
+
+# --- route (dry run) ---------------------------------------------------------------------------
+
+
+def _target_json(target: Target) -> dict[str, Any]:
+    if isinstance(target, StreamTarget):
+        return {
+            "route": target.route,
+            "kind": "stream",
+            "template": target.template,
+            "stream": target.name,
+            "maxlen": target.maxlen,
+        }
+    return {
+        "route": target.route,
+        "kind": "exchange",
+        "template": target.template,
+        "exchange": target.exchange,
+        "routing_key": target.routing_key,
+    }
+
+
+def _read_body(value: str) -> bytes:
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise ConfigError("--body", f"cannot read {value[1:]}: {exc.strerror}") from None
+    return value.encode()
+
+
+def dry_run(config: Config, args: argparse.Namespace) -> int:
+    headers: dict[str, Any] = {}
+    for pair in args.header:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ConfigError("--header", f"expected K=V, got {pair!r}")
+        headers[name] = value
+    message = Message(
+        body=_read_body(args.body),
+        routing_key=args.routing_key,
+        exchange=args.exchange,
+        queue=args.queue if args.queue is not None else config.sources[0].queue,
+        headers=headers,
+        content_type=args.content_type,
+        message_id=args.message_id,
+    )
+    decision = Router.from_config(config).route(message)
+    if isinstance(decision, Rejected):
+        result: dict[str, Any] = {
+            "decision": "dead-letter",
+            "reason": decision.reason,
+            "detail": decision.detail,
+            "route": decision.route,
+        }
+        if decision.reason == "unrouted" and config.unrouted == "drop":
+            result["decision"] = "drop"
+    else:
+        result = {
+            "decision": "routed",
+            "routes": list(dict.fromkeys(t.route for t in decision.targets)),
+            "destinations": [_target_json(t) for t in decision.targets],
+        }
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    elif result["decision"] == "routed":
+        print(f"routes: {', '.join(result['routes'])}")
+        for target in result["destinations"]:
+            name = target.get("stream") or f"{target['exchange']!r} key {target['routing_key']!r}"
+            print(f"  {target['route']} -> {target['kind']} {name}")
+    else:
+        print(f"{result['decision']}: {decision.reason}: {decision.detail}")  # type: ignore[union-attr]
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""What lands in a Redis stream (CONTRACT.md section 2): pure functions over ``Message``."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from proxy.message import Message
+
+Fields = dict[str, bytes | str]
+
+_OPTIONAL_TEXT = (
+    "content_type",
+    "content_encoding",
+    "message_id",
+    "correlation_id",
+    "type",
+    "app_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    reason: str
+    detail: str
+    route: str | None
+    failed_at_ms: int
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(raw).decode()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime):  # orjson handles datetimes; this covers subclasses
+        return value.isoformat()
+    return str(value)
+
+
+def headers_json(headers: Any) -> bytes:
+    """Headers as a JSON object: non-UTF-8 bytes as ``base64:...``, timestamps RFC 3339."""
+    return orjson.dumps(
+        headers,
+        default=_json_default,
+        option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS,
+    )
+
+
+def unix_seconds(timestamp: datetime) -> int:
+    return int(timestamp.timestamp())
+
+
+def entry_fields(message: Message) -> Fields:
+    fields: Fields = {
+        "body": message.body,
+        "routing_key": message.routing_key,
+        "exchange": message.exchange,
+        "queue": message.queue,
+    }
+    for name in _OPTIONAL_TEXT:
+        value = getattr(message, name)
+        if value is not None:
+            fields[name] = value
+    if message.timestamp is not None:
+        fields["timestamp"] = str(unix_seconds(message.timestamp))
+    if message.headers:
+        fields["headers"] = headers_json(message.headers)
+    return fields
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def dead_letter_fields(message: Message, info: DeadLetterInfo) -> Fields:
+    fields = entry_fields(message)
+    fields["error"] = info.reason
+    fields["detail"] = one_line(info.detail)
+    if info.route is not None:
+        fields["route"] = info.route
+    fields["failed_at"] = str(info.failed_at_ms)
+    return fields
+
+
+def dead_letter_headers(info: DeadLetterInfo) -> dict[str, Any]:
+    """For dead letters sent to an exchange: the same facts as AMQP headers."""
+    headers: dict[str, Any] = {
+        "x-message-proxy-error": info.reason,
+        "x-message-proxy-detail": one_line(info.detail),
+        "x-message-proxy-failed-at": info.failed_at_ms,
+    }
+    if info.route is not None:
+        headers["x-message-proxy-route"] = info.route
+    return headers

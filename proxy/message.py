@@ -1,0 +1,90 @@
+"""The frozen message every pure function works on, independent of the AMQP client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from proxy.errors import NotJsonError
+
+HOPS_HEADER = "x-message-proxy-hops"
+EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    """One AMQP message as delivered: body, routing facts and basic properties."""
+
+    body: bytes
+    routing_key: str = ""
+    exchange: str = ""
+    queue: str = ""
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    content_type: str | None = None
+    content_encoding: str | None = None
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: datetime | None = None
+    type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
+    redelivered: bool = False
+
+    @cached_property
+    def routing_words(self) -> list[str]:
+        return self.routing_key.split(".")
+
+    @cached_property
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object; raises ``NotJsonError`` (cached) when it is not one."""
+        try:
+            value = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise NotJsonError("body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise NotJsonError(f"body is JSON but not an object ({type(value).__name__})")
+        return value
+
+    @property
+    def hops(self) -> int:
+        value = self.headers.get(HOPS_HEADER, 0)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return 0
+
+
+def header_text(value: Any) -> str | None:
+    """A header value as text for matching and templates; None when it has no text form."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return None
+
+
+def json_path(document: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    """Follow a dotted path through nested objects: (found, value)."""
+    node: Any = document
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node

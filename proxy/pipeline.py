@@ -1,0 +1,359 @@
+"""Batch, route, publish, then settle: the only place a delivery is acked or rejected.
+
+A batch is flushed when it holds ``batch.max_messages`` deliveries or its oldest delivery has
+waited ``batch.max_delay_ms``. One batch is in flight at a time, so delivery tags are settled in
+order and one ``basic.ack(multiple=True)`` covers the batch. A destination that cannot be reached
+holds the batch (retried with backoff, never acked meanwhile); prefetch then stops the broker from
+sending more. A destination that refuses one message dead-letters that message only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+
+import aiormq
+
+from proxy.backoff import Backoff
+from proxy.config import BatchSettings, DeadLetter, ExchangeDestination, StreamDestination
+from proxy.encoding import DeadLetterInfo
+from proxy.errors import RouteError, TransientError
+from proxy.message import Message
+from proxy.metrics import Metrics
+from proxy.routing import ExchangeTarget, Rejected, Routed, Router, StreamTarget, Target
+from proxy.sinks import Outcome, Publish, Sink
+from proxy.source import Delivery
+from proxy.state import HealthState
+from proxy.templates import Template
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_ROUTE = "dead-letter"
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    reason: str
+    detail: str
+    route: str | None
+
+
+class DeadLetterDestination:
+    """Where permanent failures go; builds the target for one message."""
+
+    def __init__(self, config: DeadLetter) -> None:
+        destination = config.destination()
+        self.template = (
+            destination.stream
+            if isinstance(destination, StreamDestination)
+            else (destination.exchange)
+        )
+        self._destination = destination
+
+    def target(self, message: Message) -> Target:
+        destination = self._destination
+        if isinstance(destination, ExchangeDestination):
+            return ExchangeTarget(
+                DEAD_LETTER_ROUTE,
+                destination.exchange,
+                Template.parse(destination.exchange).expand(message),
+                Template.parse(destination.routing_key).expand(message),
+            )
+        return StreamTarget(
+            DEAD_LETTER_ROUTE,
+            destination.stream,
+            Template.parse(destination.stream).expand(message),
+            destination.maxlen,
+        )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        router: Router,
+        sinks: Mapping[type[Target], Sink],
+        *,
+        batch: BatchSettings,
+        health: HealthState,
+        metrics: Metrics,
+        dead_letter: DeadLetterDestination | None = None,
+        drop_unrouted: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._sinks = dict(sinks)
+        self._dead_letter = dead_letter
+        self._drop_unrouted = drop_unrouted
+        self._max_messages = batch.max_messages
+        self._max_delay = batch.max_delay_ms / 1000
+        self._health = health
+        self._metrics = metrics
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._pending: list[Delivery] = []
+        self._inflight = 0
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    # --- intake (called by the source for every delivery) ---
+
+    def submit(self, delivery: Delivery) -> None:
+        pending = self._pending
+        pending.append(delivery)
+        if len(pending) == 1:
+            self._idle.clear()
+            self._wake.set()
+        if len(pending) >= self._max_messages:
+            self._full.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + self._inflight
+
+    # --- the flush loop ---
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            while self._pending:
+                await self._wait_for_batch()
+                batch = self._pending[: self._max_messages]
+                del self._pending[: self._max_messages]
+                self._inflight = len(batch)
+                try:
+                    await self._flush(batch)
+                finally:
+                    self._inflight = 0
+            self._wake.clear()
+            self._full.clear()
+            self._idle.set()
+
+    async def _wait_for_batch(self) -> None:
+        if len(self._pending) >= self._max_messages or self._draining:
+            return
+        delay = self._pending[0].received_at + self._max_delay - self._clock()
+        if delay <= 0:
+            return
+        self._full.clear()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._full.wait()
+
+    async def drain(self) -> None:
+        """Flush what was received without waiting for batch deadlines; returns when idle."""
+        self._draining = True
+        self._full.set()
+        await self._idle.wait()
+
+    # --- one batch ---
+
+    async def _flush(self, batch: list[Delivery]) -> None:
+        started = self._clock()
+        metrics = self._metrics
+        metrics.inflight.set(len(batch) + len(self._pending))
+        live = [delivery for delivery in batch if delivery.settleable]
+        if len(live) < len(batch):
+            log.warning(
+                "%d deliveries arrived on a channel that has since closed; "
+                "RabbitMQ redelivers them",
+                len(batch) - len(live),
+            )
+        if not live:
+            return
+        for queue, count in Counter(d.message.queue for d in live).items():
+            metrics.messages_consumed.labels(queue=queue).inc(count)
+        metrics.batch_size.observe(len(live))
+
+        publishes, failures = self._plan(live)
+        await self._publish_all(publishes, failures)
+
+        rejects = await self._dead_letter_all(live, failures)
+        await self._settle(live, rejects)
+        self._observe_latency(live, rejects)
+        metrics.flush_duration.observe(self._clock() - started)
+        metrics.inflight.set(len(self._pending))
+        self._health.flushed()
+
+    def _plan(
+        self, live: Sequence[Delivery]
+    ) -> tuple[dict[Sink, list[tuple[int, Publish]]], dict[int, _Failure]]:
+        """Route every delivery: what to publish where, and what already failed."""
+        failures: dict[int, _Failure] = {}
+        publishes: dict[Sink, list[tuple[int, Publish]]] = {}
+        for index, delivery in enumerate(live):
+            message = delivery.message
+            decision = self._route(message)
+            if isinstance(decision, Routed):
+                for target in decision.targets:
+                    sink = self._sinks[type(target)]
+                    publishes.setdefault(sink, []).append((index, Publish(message, target)))
+                continue
+            if decision.reason == "unrouted":
+                self._metrics.messages_unrouted.labels(queue=message.queue).inc()
+                if self._drop_unrouted:
+                    continue  # acked with the batch, counted, not dead-lettered
+            failures[index] = _Failure(decision.reason, decision.detail, decision.route)
+        return publishes, failures
+
+    async def _publish_all(
+        self, publishes: Mapping[Sink, list[tuple[int, Publish]]], failures: dict[int, _Failure]
+    ) -> None:
+        """Publish to every sink at once; a refused item marks its delivery as failed."""
+        results = await asyncio.gather(
+            *(
+                self._publish_reliably(sink, [p for _, p in items])
+                for sink, items in publishes.items()
+            )
+        )
+        published: Counter[tuple[str, str]] = Counter()
+        for items, outcomes in zip(publishes.values(), results, strict=True):
+            for (index, item), outcome in zip(items, outcomes, strict=True):
+                if outcome is None:
+                    published[(item.target.route, item.target.template)] += 1
+                elif index not in failures:
+                    failures[index] = _Failure(
+                        outcome.reason,
+                        f"{_describe(item.target)}: {outcome.detail}",
+                        item.target.route,
+                    )
+        for (route, template), count in published.items():
+            self._metrics.messages_published.labels(route=route, destination=template).inc(count)
+
+    def _route(self, message: Message) -> Routed | Rejected:
+        try:
+            return self._router.route(message)
+        except Exception as exc:  # a bug must cost one message, not the worker
+            log.exception("routing raised unexpectedly")
+            return Rejected("plugin-error", f"routing raised {type(exc).__name__}: {exc}")
+
+    async def _publish_reliably(self, sink: Sink, items: list[Publish]) -> list[Outcome]:
+        """Publish until the sink answers; transient failures are retried with backoff."""
+        backoff = Backoff()
+        while True:
+            try:
+                outcomes = await sink.publish_batch(items)
+            except TransientError as exc:
+                for template in {item.target.template for item in items}:
+                    self._metrics.publish_errors.labels(
+                        destination=template, error="transient"
+                    ).inc()
+                if self._health.set_broker(sink.broker, False, str(exc)):
+                    self._metrics.broker_up.labels(broker=sink.broker).set(0)
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s: %d messages held, not acked: %s; retry %d in %.1fs",
+                    sink.broker,
+                    len(items),
+                    exc,
+                    backoff.attempts,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self._health.set_broker(sink.broker, True):
+                self._metrics.broker_up.labels(broker=sink.broker).set(1)
+                log.info("%s: accepting again", sink.broker)
+            for item, outcome in zip(items, outcomes, strict=True):
+                if outcome is not None:
+                    self._metrics.publish_errors.labels(
+                        destination=item.target.template, error=outcome.reason
+                    ).inc()
+            return outcomes
+
+    async def _dead_letter_all(
+        self, live: Sequence[Delivery], failures: Mapping[int, _Failure]
+    ) -> set[int]:
+        """Dead-letter every failed delivery; returns the indexes to reject instead of ack."""
+        if not failures:
+            return set()
+        now_ms = int(self._wall_clock() * 1000)
+        rejects: set[int] = set()
+        to_publish: dict[Sink, list[tuple[int, Publish]]] = {}
+        for index, failure in failures.items():
+            message = live[index].message
+            self._metrics.messages_dead_lettered.labels(reason=failure.reason).inc()
+            log.warning(
+                "dead-lettering message %s from queue %s: %s: %s",
+                message.message_id or "(no id)",
+                message.queue,
+                failure.reason,
+                failure.detail,
+            )
+            if self._dead_letter is None:
+                rejects.add(index)  # the queue's own dead-letter exchange, if any, takes it
+                continue
+            info = DeadLetterInfo(failure.reason, failure.detail, failure.route, now_ms)
+            try:
+                target = self._dead_letter.target(message)
+            except RouteError as exc:
+                log.error("dead-letter destination cannot be named for this message: %s", exc)
+                rejects.add(index)
+                continue
+            sink = self._sinks[type(target)]
+            to_publish.setdefault(sink, []).append((index, Publish(message, target, info)))
+        results = await asyncio.gather(
+            *(
+                self._publish_reliably(sink, [p for _, p in items])
+                for sink, items in to_publish.items()
+            )
+        )
+        for items, outcomes in zip(to_publish.values(), results, strict=True):
+            for (index, item), outcome in zip(items, outcomes, strict=True):
+                if outcome is not None:
+                    log.error(
+                        "dead-letter destination %s refused a message (%s); rejecting it instead",
+                        _describe(item.target),
+                        outcome.detail,
+                    )
+                    rejects.add(index)
+        return rejects
+
+    async def _settle(self, live: Sequence[Delivery], rejects: set[int]) -> None:
+        """The one place deliveries are acked: rejects first, then one multiple ack per channel."""
+        by_channel: dict[aiormq.abc.AbstractChannel, list[tuple[int, Delivery]]] = {}
+        for index, delivery in enumerate(live):
+            by_channel.setdefault(delivery.channel, []).append((index, delivery))
+        for channel, deliveries in by_channel.items():
+            try:
+                for index, delivery in deliveries:
+                    if index in rejects:
+                        await channel.basic_reject(delivery.tag, requeue=False, wait=False)
+                acked = [d for i, d in deliveries if i not in rejects]
+                if acked:
+                    await channel.basic_ack(max(d.tag for d in acked), multiple=True)
+            except (aiormq.exceptions.AMQPError, OSError, ConnectionError) as exc:
+                log.warning(
+                    "amqp: could not settle %d deliveries (%s); RabbitMQ redelivers them",
+                    len(deliveries),
+                    exc,
+                )
+                continue
+            for queue, count in _count_queues(d for i, d in deliveries if i not in rejects).items():
+                self._metrics.messages_acked.labels(queue=queue).inc(count)
+
+    def _observe_latency(self, live: Sequence[Delivery], rejects: set[int]) -> None:
+        now = self._wall_clock()
+        histogram = self._metrics.end_to_end_latency
+        for index, delivery in enumerate(live):
+            timestamp = delivery.message.timestamp
+            if timestamp is not None and index not in rejects:
+                histogram.observe(max(0.0, now - timestamp.timestamp()))
+
+
+def _count_queues(deliveries: Iterable[Delivery]) -> Counter[str]:
+    return Counter(d.message.queue for d in deliveries)
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, StreamTarget):
+        return f"stream {target.name!r}"
+    return f"exchange {target.exchange!r} (routing key {target.routing_key!r})"

@@ -1,0 +1,189 @@
+"""One worker's lifecycle: connect, consume, drain, close, in that order, each with a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+
+from proxy.config import Config, StreamDestination
+from proxy.errors import ConfigError, TransientError
+from proxy.metrics import Metrics
+from proxy.pipeline import DeadLetterDestination, Pipeline
+from proxy.routing import ExchangeTarget, Router, StreamTarget, Target
+from proxy.sinks import Sink
+from proxy.source import AmqpSource
+from proxy.state import HealthState
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.25
+PING_INTERVAL_S = 1.0
+PING_TIMEOUT_S = 1.0
+CLOSE_TIMEOUT_S = 5.0
+
+ROLE_KINDS: Mapping[str, frozenset[str]] = {
+    "all": frozenset({"stream", "exchange"}),
+    "stream-bridge": frozenset({"stream"}),
+    "exchange-relay": frozenset({"exchange"}),
+}
+
+
+def check_role(config: Config, role: str) -> None:
+    """A role that cannot serve a configured destination kind is a config error naming it."""
+    kinds = ROLE_KINDS[role]
+    for index, route in enumerate(config.routes):
+        for position, destination in enumerate(route.to):
+            kind = "stream" if isinstance(destination, StreamDestination) else "exchange"
+            if kind not in kinds:
+                raise ConfigError(
+                    f"routes[{index}].to[{position}]",
+                    f"route {route.name!r} sends to a {kind}, which the {role} role cannot serve",
+                )
+    if config.dead_letter is not None:
+        kind = "stream" if config.dead_letter.stream is not None else "exchange"
+        if kind not in kinds:
+            raise ConfigError(
+                f"dead_letter.{kind}", f"the {role} role cannot dead-letter to a {kind}"
+            )
+
+
+def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
+    check_role(config, role)
+    sinks: dict[type[Target], Sink] = {}
+    if config.uses_streams():
+        from proxy.sinks.redis_stream import RedisStreamSink  # redis is not in the relay's image
+
+        sinks[StreamTarget] = RedisStreamSink(config.redis.url, timeout=config.redis.timeout)
+    if config.uses_exchanges():
+        from proxy.sinks.amqp_exchange import AmqpExchangeSink
+
+        sinks[ExchangeTarget] = AmqpExchangeSink(
+            config.amqp_out or config.amqp, connection_name=f"message-proxy {role} publisher"
+        )
+    return sinks
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        role: str,
+        metrics: Metrics,
+        health: HealthState,
+        sinks: Mapping[type[Target], Sink] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.metrics = metrics
+        self.health = health
+        self.sinks = dict(sinks) if sinks is not None else build_sinks(config, role)
+        self.pipeline = Pipeline(
+            Router.from_config(config),
+            self.sinks,
+            batch=config.batch,
+            health=health,
+            metrics=metrics,
+            dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
+            drop_unrouted=config.unrouted == "drop",
+            clock=clock,
+        )
+        self.source = AmqpSource(
+            config.amqp,
+            config.sources,
+            self.pipeline.submit,
+            health=health,
+            metrics=metrics,
+            connection_name=f"message-proxy {role}",
+            clock=clock,
+        )
+        self.stop_requested = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run until ``stop_requested`` is set, then shut down in order. Raises on a fatal bug."""
+        tasks = {
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._watch_sinks(), name="watch-sinks"),
+            asyncio.create_task(self.source.run(), name="amqp-source"),
+        }
+        flusher = asyncio.create_task(self.pipeline.run(), name="pipeline")
+        stop = asyncio.create_task(self.stop_requested.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait(
+                {*tasks, flusher, stop}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done - {stop}:
+                task.result()  # a background task must never end: surface its exception
+                raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
+            await self._shutdown(flusher)
+        finally:
+            for task in (*tasks, flusher, stop):
+                task.cancel()
+            await asyncio.gather(*tasks, flusher, stop, return_exceptions=True)
+            await self._close()
+
+    async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
+        self.health.stopping()
+        log.info("stopping: no new deliveries; draining %d in flight", self.pipeline.pending)
+        await self.source.stop_consuming(within=CLOSE_TIMEOUT_S)
+        try:
+            async with asyncio.timeout(self.config.shutdown_timeout):
+                await self.pipeline.drain()
+        except TimeoutError:
+            log.warning(
+                "shutdown timeout: %d deliveries not acked; RabbitMQ redelivers them",
+                self.pipeline.pending,
+            )
+        flusher.cancel()
+
+    async def _close(self) -> None:
+        for sink in self.sinks.values():
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await sink.aclose()
+            except Exception as exc:  # closing must go on whatever one sink does
+                log.warning("%s: close failed: %s", sink.broker, exc)
+        await self.source.aclose()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.health.beat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _watch_sinks(self) -> None:
+        """Ping every destination broker so readiness reflects it even when no traffic flows."""
+        while True:
+            for sink in self.sinks.values():
+                try:
+                    async with asyncio.timeout(PING_TIMEOUT_S):
+                        await sink.ping()
+                except (TransientError, TimeoutError) as exc:
+                    detail = str(exc) or "ping timed out"
+                    if self.health.set_broker(sink.broker, False, detail):
+                        self.metrics.broker_up.labels(broker=sink.broker).set(0)
+                        log.warning("%s: down: %s", sink.broker, detail)
+                else:
+                    if self.health.set_broker(sink.broker, True):
+                        self.metrics.broker_up.labels(broker=sink.broker).set(1)
+                        log.info("%s: up", sink.broker)
+            await asyncio.sleep(PING_INTERVAL_S)
+
+
+def install_signal_handlers(worker: Worker, main_task: asyncio.Task[None]) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: stop at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if worker.stop_requested.is_set():
+            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+            main_task.cancel()
+            return
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        worker.stop_requested.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
