@@ -55,8 +55,9 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
 
 
 async def async_wait_for(
-    predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    predicate: Any, within: float = 10.0, interval: float = 0.05, what: str = ""
 ) -> Any:
+    timeout = within
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -283,7 +284,7 @@ async def stream_message_ids(stream: str) -> list[str]:
             page = await client.xrange(stream, min=start, count=10_000)
             if not page:
                 return ids
-            for entry_id, fields in page:
+            for _entry_id, fields in page:
                 ids.append(fields.get(b"message_id", b"").decode())
             last = page[-1][0].decode()
             millis, seq = last.split("-")

@@ -1,7 +1,8 @@
 """A small TCP fault proxy between a worker and a broker, for outage tests.
 
 Runs on its own thread with its own event loop so a test (sync or async) can drive it:
-``cut()`` closes every connection and refuses new ones, ``blackhole()`` accepts and forwards nothing,
+``cut()`` closes every connection and refuses new ones, ``blackhole()`` accepts and forwards
+nothing,
 ``latency(s)`` delays every chunk, ``throttle(bytes_per_s)`` caps the rate, ``heal()`` restores.
 """
 
@@ -132,7 +133,7 @@ class TcpProxy:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
-                while self.mode == "blackhole":
+                while self.mode == "blackhole":  # noqa: ASYNC110 - mode is set from another thread
                     await asyncio.sleep(0.05)
                 if self.mode == "cut":
                     break
