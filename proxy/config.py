@@ -322,11 +322,14 @@ def apply_env_overrides(
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
     key = ""
-    for part in loc:
+    for position, part in enumerate(loc):
+        after_destination_index = position >= 2 and loc[position - 2] in ("to",) and isinstance(
+            loc[position - 1], int
+        )
+        if after_destination_index and part in ("stream", "exchange"):
+            continue  # the discriminator tag, not a key the user wrote
         if isinstance(part, int):
             key += f"[{part}]"
-        elif part in ("stream", "exchange") and key.endswith("]") and ".to[" in key:
-            continue  # the discriminator tag, not a key the user wrote
         else:
             key += f".{part}" if key else str(part)
     return key
@@ -337,7 +340,7 @@ def _first_error(exc: ValidationError, origins: Mapping[tuple[str, ...], str]) -
     error = exc.errors(include_input=False, include_url=False)[0]
     loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
     key = _key_path(loc) or "config"
-    problem = error["msg"]
+    problem = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         problem = "unknown key"
     elif error["type"] == "missing":
@@ -345,7 +348,10 @@ def _first_error(exc: ValidationError, origins: Mapping[tuple[str, ...], str]) -
     origin = origins.get(tuple(str(part) for part in loc))
     if origin:
         problem += f" (set by {origin})"
-    more = exc.error_count() - 1
+    # A failed item also fails its container ("at least 1 item"): count only the leaf problems.
+    locs = [tuple(e["loc"]) for e in exc.errors(include_input=False)]
+    leaves = [a for a in locs if not any(len(b) > len(a) and b[: len(a)] == a for b in locs)]
+    more = len(leaves) - 1
     if more:
         problem += f" (and {more} more problem{'s' if more > 1 else ''})"
     return ConfigError(key, problem)

@@ -18,6 +18,8 @@ from proxy.errors import ConfigError
 
 LEVEL_ENV = "MESSAGE_PROXY_LOG_LEVEL"
 LOGGERS = ("proxy", "workers")
+# The client libraries log connection trouble themselves; their lines must be JSON too.
+LIBRARY_LOGGERS = ("aiormq", "aio_pika", "redis")
 _HANDLER_NAME = "message-proxy-json"
 
 # scheme://user:password@ -- the password runs to the last "@" before a "/" or whitespace, so an
@@ -85,11 +87,17 @@ def configure_logging(level: str | int = "INFO", *, stream: TextIO | None = None
     handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter())
-    for name in LOGGERS:
+    for name in (*LOGGERS, *LIBRARY_LOGGERS):
         logger = logging.getLogger(name)
         for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
             logger.removeHandler(old)
             old.close()
         logger.addHandler(handler)
-        logger.setLevel(resolved)
+        logger.setLevel(resolved if name in LOGGERS else max(resolved, logging.WARNING))
         logger.propagate = False  # one line per record, even if something configured the root
+    # Library records (aiormq, redis, asyncio) reach the root at its own level, WARNING by default:
+    # without this, Python's last-resort handler prints them to stderr as plain, unmasked text.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)

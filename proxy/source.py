@@ -106,8 +106,11 @@ class AmqpSource:
                 await self._connect_and_consume()
                 backoff.reset()
                 await self._watch()
-            except (aiormq.exceptions.AMQPError, OSError, TimeoutError, ConnectionError) as exc:
-                self._down(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                # aiormq surfaces a dropped connection as many types (even StopAsyncIteration
+                # mid-handshake); for this loop every one of them means "retry with backoff".
+                self._down(f"{type(exc).__name__}: {exc}".rstrip(": "))
+                log.debug("amqp: connection failure", exc_info=True)
             connected = self._connection is not None and not self._connection.is_closed
             if self._stopping.is_set() and connected:
                 break  # still connected: the drain acks on this channel, then aclose() closes it

@@ -1,0 +1,308 @@
+"""Config parsing: defaults, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import (
+    ExchangeDestination,
+    StreamDestination,
+    display_url,
+    load_config,
+    parse_config,
+)
+from proxy.errors import ConfigError
+from tests.helpers import run_cli
+
+MINIMAL = """
+[[sources]]
+queue = "events"
+
+[[routes]]
+name = "all"
+to = [ { stream = "events" } ]
+"""
+
+
+def parse(text: str, environ: dict[str, str] | None = None) -> Any:
+    return parse_config(tomllib.loads(text), environ=environ or {})
+
+
+def test_defaults_follow_the_contract() -> None:
+    config = parse(MINIMAL)
+    assert config.unrouted == "dead-letter"
+    assert config.amqp.prefetch == 1000
+    assert config.batch.max_messages == 500
+    assert config.batch.max_delay_ms == 5
+    assert config.health.port == 8000
+    assert config.shutdown_timeout == 10
+    assert config.sources[0].declare is True
+    assert config.dead_letter is None
+    assert config.dedupe.window == 86400
+
+
+def test_full_contract_example_parses() -> None:
+    text = (Path(__file__).parent / "data" / "contract.toml").read_text()
+    config = parse(text)
+    route = config.routes[0]
+    assert route.match.routing_key == "order.*"
+    assert route.match.json_fields == {"type": "order.created"}
+    assert isinstance(route.to[0], StreamDestination) and route.to[0].maxlen == 100000
+    assert isinstance(route.to[1], ExchangeDestination) and route.to[1].exchange == "audit"
+    assert config.sources[0].bindings[0].routing_key == "order.#"
+    assert config.dead_letter is not None and config.dead_letter.stream
+
+
+def test_frozen() -> None:
+    config = parse(MINIMAL)
+    with pytest.raises(ValueError, match="frozen"):
+        config.amqp.prefetch = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("environ", "check"),
+    [
+        pytest.param(
+            {"MESSAGE_PROXY_AMQP__URL": "amqp://u:p@rabbit:5673/v"},
+            lambda c: c.amqp.url.get_secret_value() == "amqp://u:p@rabbit:5673/v",
+            id="amqp-url",
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_REDIS__URL": "redis://cache:6380/2"},
+            lambda c: c.redis.url.get_secret_value() == "redis://cache:6380/2",
+            id="redis-url",
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_HEALTH__PORT": "9100"}, lambda c: c.health.port == 9100, id="int"
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_BATCH__MAX_DELAY_MS": "2.5"},
+            lambda c: c.batch.max_delay_ms == 2.5,
+            id="float",
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_UNROUTED": "drop"}, lambda c: c.unrouted == "drop", id="top-level"
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_LOG_LEVEL": "debug"}, lambda c: c.log_level == "DEBUG", id="log-level"
+        ),
+        pytest.param(
+            {"MESSAGE_PROXY_CONFIG": "/elsewhere.toml"},
+            lambda c: True,
+            id="config-path-is-not-a-key",
+        ),
+        pytest.param(
+            {"OTHER_AMQP__URL": "nonsense"},
+            lambda c: c.amqp.prefetch == 1000,
+            id="other-prefixes-ignored",
+        ),
+    ],
+)
+def test_environment_overrides(environ: dict[str, str], check: Any) -> None:
+    assert check(parse(MINIMAL, environ))
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key", "problem"),
+    [
+        pytest.param(
+            MINIMAL + "\n[amqp]\nprefetc = 5\n", {}, "amqp.prefetc", "unknown key", id="unknown-key"
+        ),
+        pytest.param("bogus = 1\n" + MINIMAL, {}, "bogus", "unknown key", id="unknown-top-key"),
+        pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "http://x"\n', {}, "amqp.url", "scheme", id="bad-url-scheme"
+        ),
+        pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "amqp://h:notaport/"\n',
+            {},
+            "amqp.url",
+            "not a valid URL",
+            id="bad-url-port",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_REDIS__URL": "nope"},
+            "redis.url",
+            "MESSAGE_PROXY_REDIS__URL",
+            id="bad-url-from-env",
+        ),
+        pytest.param(
+            MINIMAL + '[[routes]]\nname = "all"\nto = [{ stream = "x" }]\n',
+            {},
+            "routes[1].name",
+            "duplicate route name",
+            id="duplicate-route",
+        ),
+        pytest.param(
+            MINIMAL.replace('"events" }', '"e:{header.x}" }'),
+            {},
+            "routes[0].to[0].stream",
+            "unknown placeholder {header.x}",
+            id="unknown-placeholder",
+        ),
+        pytest.param(
+            MINIMAL.replace('"events" }', '"e:{nope" }'),
+            {},
+            "routes[0].to[0].stream",
+            "unbalanced",
+            id="unbalanced-brace",
+        ),
+        pytest.param(
+            MINIMAL.replace('name = "all"', 'name = "all"\nmatch.plugin = "no.such:fn"'),
+            {},
+            "routes[0].match.plugin",
+            "cannot import",
+            id="unknown-plugin",
+        ),
+        pytest.param(
+            MINIMAL.replace('name = "all"', 'name = "all"\nmatch.plugin = "tests.route_plugins:x"'),
+            {},
+            "routes[0].match.plugin",
+            "no attribute",
+            id="plugin-missing-attribute",
+        ),
+        pytest.param(
+            MINIMAL.replace(
+                'name = "all"', 'name = "all"\nmatch.plugin = "tests.route_plugins:NOT_CALLABLE"'
+            ),
+            {},
+            "routes[0].match.plugin",
+            "not callable",
+            id="plugin-not-callable",
+        ),
+        pytest.param(
+            MINIMAL.replace("{ stream", "{ streem"),
+            {},
+            "routes[0].to[0]",
+            "'stream' or an 'exchange'",
+            id="unknown-destination-kind",
+        ),
+        pytest.param(
+            MINIMAL.replace("}", ", maxlen = 0 }"),
+            {},
+            "routes[0].to[0].maxlen",
+            "greater than or equal to 1",
+            id="maxlen-zero",
+        ),
+        pytest.param(
+            "[[routes]]\nname='a'\nto=[{stream='s'}]",
+            {},
+            "sources",
+            "required key is missing",
+            id="no-sources",
+        ),
+        pytest.param(
+            MINIMAL.replace('to = [ { stream = "events" } ]', "to = []"),
+            {},
+            "routes[0].to",
+            "at least 1",
+            id="no-destinations",
+        ),
+        pytest.param(
+            MINIMAL + "\n[dead_letter]\nrouting_key = 'x'\n",
+            {},
+            "dead_letter",
+            "exactly one",
+            id="dead-letter-without-target",
+        ),
+        pytest.param('unrouted = "keep"\n' + MINIMAL, {}, "unrouted", "dead-letter", id="unrouted"),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_HEALTH__PORT": "99999"},
+            "health.port",
+            "less than or equal",
+            id="port-range-from-env",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_SOURCES__QUEUE": "x"},
+            "sources",
+            "non-table",
+            id="env-into-array",
+        ),
+        pytest.param(
+            MINIMAL + "\n[dedupe]\nwindow = 'forever'\n",
+            {},
+            "dedupe.window",
+            "duration",
+            id="bad-duration",
+        ),
+    ],
+)
+def test_errors_name_the_key(text: str, environ: dict[str, str], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, environ)
+    assert caught.value.key == key
+    assert problem in str(caught.value)
+
+
+def test_secrets_never_appear_in_errors_or_repr() -> None:
+    secret = "s3cr3t-pa55"
+    config = parse(MINIMAL + f'\n[amqp]\nurl = "amqp://user:{secret}@host/"\n')
+    assert secret not in repr(config)
+    assert secret not in str(config.amqp)
+    assert display_url(config.amqp.url) == "amqp://user:***@host/"
+    with pytest.raises(ConfigError) as caught:
+        parse(MINIMAL + f'\n[amqp]\nurl = "amqpx://user:{secret}@host/"\n')
+    assert secret not in str(caught.value)
+
+
+def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[amqp\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        pytest.param(MINIMAL + "\n[amqp]\nprefetc = 5\n", "amqp.prefetc", id="unknown-key"),
+        pytest.param(MINIMAL + '\n[amqp]\nurl = "amqp://h:port/"\n', "amqp.url", id="bad-url"),
+        pytest.param(
+            MINIMAL + '[[routes]]\nname = "all"\nto = [{ stream = "x" }]\n',
+            "routes[1].name",
+            id="duplicate-route",
+        ),
+        pytest.param(
+            MINIMAL.replace('"events" }', '"{what}" }'),
+            "routes[0].to[0].stream",
+            id="unknown-placeholder",
+        ),
+        pytest.param(
+            MINIMAL.replace('name = "all"', 'name = "all"\nmatch.plugin = "nope:x"'),
+            "routes[0].match.plugin",
+            id="unknown-plugin",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", [["check"], ["run"]])
+def test_bad_config_exits_2_naming_the_key(
+    tmp_path: Path, text: str, needle: str, command: list[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    result = run_cli([*command, "--config", str(path)])
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_path_exits_2() -> None:
+    result = run_cli(["check"], env={"MESSAGE_PROXY_CONFIG": ""})
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL)
+    result = run_cli(["check"], env={"MESSAGE_PROXY_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert "route all" in result.stdout
