@@ -95,8 +95,9 @@ def configure_logging(level: str | int = "INFO", *, stream: TextIO | None = None
         logger.addHandler(handler)
         logger.setLevel(resolved if name in LOGGERS else max(resolved, logging.WARNING))
         logger.propagate = False  # one line per record, even if something configured the root
-    # Library records (aiormq, redis, asyncio) reach the root at its own level, WARNING by default:
-    # without this, Python's last-resort handler prints them to stderr as plain, unmasked text.
+    # Records of any other library (asyncio's "Task exception was never retrieved", ...) reach the
+    # root at its own level, WARNING by default: without this, Python's last-resort handler prints
+    # them to stderr as plain, unmasked text.
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
