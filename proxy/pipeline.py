@@ -22,11 +22,11 @@ import aiormq
 from proxy.backoff import Backoff
 from proxy.config import BatchSettings, DeadLetter, ExchangeDestination, StreamDestination
 from proxy.encoding import DeadLetterInfo
-from proxy.errors import RouteError, TransientError
+from proxy.errors import PermanentError, RouteError, TransientError
 from proxy.message import Message
 from proxy.metrics import Metrics
 from proxy.routing import ExchangeTarget, Rejected, Routed, Router, StreamTarget, Target
-from proxy.sinks import Outcome, Publish, Sink
+from proxy.sinks import Accepted, Outcome, Publish, Sink
 from proxy.source import Delivery
 from proxy.state import HealthState
 from proxy.templates import Template
@@ -215,18 +215,29 @@ class Pipeline:
             )
         )
         published: Counter[tuple[str, str]] = Counter()
+        notes: Counter[Accepted] = Counter()
         for items, outcomes in zip(publishes.values(), results, strict=True):
             for (index, item), outcome in zip(items, outcomes, strict=True):
-                if outcome is None:
+                if isinstance(outcome, PermanentError):
+                    if index not in failures:
+                        failures[index] = _Failure(
+                            outcome.reason,
+                            f"{_describe(item.target)}: {outcome.detail}",
+                            item.target.route,
+                        )
+                    continue
+                if outcome is not None:
+                    notes[outcome] += 1
+                if outcome is not Accepted.DUPLICATE:  # a duplicate is accepted, not written
                     published[(item.target.route, item.target.template)] += 1
-                elif index not in failures:
-                    failures[index] = _Failure(
-                        outcome.reason,
-                        f"{_describe(item.target)}: {outcome.detail}",
-                        item.target.route,
-                    )
         for (route, template), count in published.items():
             self._metrics.messages_published.labels(route=route, destination=template).inc(count)
+        if notes[Accepted.DUPLICATE]:
+            self._metrics.duplicates_suppressed.inc(notes[Accepted.DUPLICATE])
+        if notes[Accepted.NO_MESSAGE_ID]:
+            self._metrics.dedupe_skipped.labels(reason=Accepted.NO_MESSAGE_ID.value).inc(
+                notes[Accepted.NO_MESSAGE_ID]
+            )
 
     def _route(self, message: Message) -> Routed | Rejected:
         try:
@@ -263,7 +274,7 @@ class Pipeline:
                 self._metrics.broker_up.labels(broker=sink.broker).set(1)
                 log.info("%s: accepting again", sink.broker)
             for item, outcome in zip(items, outcomes, strict=True):
-                if outcome is not None:
+                if isinstance(outcome, PermanentError):
                     self._metrics.publish_errors.labels(
                         destination=item.target.template, error=outcome.reason
                     ).inc()
@@ -308,7 +319,7 @@ class Pipeline:
         )
         for items, outcomes in zip(to_publish.values(), results, strict=True):
             for (index, item), outcome in zip(items, outcomes, strict=True):
-                if outcome is not None:
+                if isinstance(outcome, PermanentError):
                     log.error(
                         "dead-letter destination %s refused a message (%s); rejecting it instead",
                         _describe(item.target),

@@ -56,7 +56,9 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
     if config.uses_streams():
         from proxy.sinks.redis_stream import RedisStreamSink  # redis is not in the relay's image
 
-        sinks[StreamTarget] = RedisStreamSink(config.redis.url, timeout=config.redis.timeout)
+        sinks[StreamTarget] = RedisStreamSink(
+            config.redis.url, timeout=config.redis.timeout, dedupe_window=config.dedupe.window
+        )
     if config.uses_exchanges():
         from proxy.sinks.amqp_exchange import AmqpExchangeSink
 

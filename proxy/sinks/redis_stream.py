@@ -1,9 +1,25 @@
-"""Redis Streams: one pipelined round trip of XADDs per batch (CONTRACT.md section 2)."""
+"""Redis Streams: one pipelined round trip per batch (CONTRACT.md section 2).
+
+Plain destinations get one XADD per entry. A ``dedupe = true`` destination writes a message with a
+``message_id`` at most once per stream within ``[dedupe] window``, the check and the XADD being one
+atomic step on the server:
+
+- Redis >= 8.6 has idempotent XADD (``XADD key IDMP producer-id idempotent-id ...``): used when the
+  server offers it, see ``_NativeDedupe``. Detected from INFO once per connection (again after any
+  connection failure: a reconnect may reach another server).
+- Older servers get one Lua script call per stream per batch (``_DEDUPE_SCRIPT``), loaded once with
+  SCRIPT LOAD and called with EVALSHA. A NOSCRIPT reply (script cache flushed, server restarted or
+  failed over) loads it again and re-runs only the calls that did not run.
+
+Messages without a ``message_id`` are written at-least-once, in order with the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -12,10 +28,11 @@ from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from proxy.encoding import Fields, dead_letter_fields, entry_fields
+from proxy.encoding import DeadLetterInfo, Fields, dead_letter_fields, entry_fields
 from proxy.errors import PermanentError, TransientError
+from proxy.message import EMPTY_HEADERS, Message
 from proxy.routing import StreamTarget
-from proxy.sinks import Outcome, Publish
+from proxy.sinks import Accepted, Outcome, Publish
 
 # Replies that mean "the server is busy or failing over", not "this entry is wrong".
 _TRANSIENT_REPLIES = (
@@ -28,19 +45,177 @@ _TRANSIENT_REPLIES = (
 _TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS")
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
 
+# A too-large message is dead-lettered with only the head of its body (enough to recognise it) and
+# its size in ``body_size``: copying the whole body into Redis would store what the limit refuses.
+TOO_LARGE_BODY_KEPT = 1024
 
-def _reply_outcome(reply: Any, target: StreamTarget) -> Outcome:
-    if not isinstance(reply, Exception):
-        return None
-    text = str(reply)
-    if isinstance(reply, _TRANSIENT_REPLIES) or text.startswith(_TRANSIENT_PREFIXES):
+# The Lua path keeps one key per (stream, message id): ``{stream}:dedupe:{id}``, set with NX and a
+# PX expiry of the window. Why keys rather than one sorted set per stream: memory is about the same
+# (~100 bytes per id either way, per-entry overhead dominates; budget rate x window), but Redis
+# expires keys itself, incrementally and exactly at the window's end. A sorted set would need
+# trimming code in the script, leave a large key behind when a dynamic stream goes quiet and stall
+# the server when that key is finally freed. The ``{stream}`` hash tag keeps a stream and its keys
+# in one cluster slot, so the per-stream script stays valid on a cluster. The value is "1": Redis
+# shares that object, so a key costs no more than its name and its expiry.
+#
+# KEYS: the stream, then one dedupe key per entry that has an id, in entry order.
+# ARGV: window in ms, maxlen ('' for none), then per entry: has-id ('1'/'0'), n, then n field and
+# value strings. Returns per entry: the new entry id, 0 for a duplicate, or an error text.
+_DEDUPE_SCRIPT = """
+local stream, window, maxlen = KEYS[1], ARGV[1], ARGV[2]
+local results, next_key, i = {}, 2, 3
+while i <= #ARGV do
+  local has_id, n = ARGV[i] == '1', tonumber(ARGV[i + 1])
+  local args = {'XADD', stream}
+  if maxlen ~= '' then
+    args[3], args[4], args[5] = 'MAXLEN', '~', maxlen
+  end
+  args[#args + 1] = '*'
+  for j = i + 2, i + 1 + n do
+    args[#args + 1] = ARGV[j]
+  end
+  i = i + 2 + n
+  local key = nil
+  if has_id then
+    key, next_key = KEYS[next_key], next_key + 1
+  end
+  local fresh = true
+  if key then
+    fresh = redis.pcall('SET', key, '1', 'NX', 'PX', window)
+  end
+  if type(fresh) == 'table' and fresh.err then
+    results[#results + 1] = fresh.err
+  elseif not fresh then
+    results[#results + 1] = 0
+  else
+    local reply = redis.pcall(unpack(args))
+    if type(reply) == 'table' and reply.err then
+      if key then
+        redis.call('DEL', key)
+      end
+      results[#results + 1] = reply.err
+    else
+      results[#results + 1] = reply
+    end
+  end
+end
+return results
+"""
+
+
+def dedupe_key(stream: str, message_id: str) -> str:
+    return f"{{{stream}}}:dedupe:{message_id}"
+
+
+def dedupe_id(message: Message) -> str | None:
+    """The id to de-duplicate by; an empty ``message_id`` is no id."""
+    return message.message_id or None
+
+
+def _refused(target: StreamTarget, text: str) -> Outcome:
+    if text.startswith(_TRANSIENT_PREFIXES):
         raise TransientError(f"redis: {text}")
     return PermanentError("rejected", f"stream {target.name!r} refused the entry: {text}")
 
 
+def _reply_outcome(reply: Any, target: StreamTarget) -> Outcome:
+    if not isinstance(reply, Exception):
+        return None
+    if isinstance(reply, _TRANSIENT_REPLIES):
+        raise TransientError(f"redis: {reply}")
+    return _refused(target, str(reply))
+
+
+def _xadd_args(target: StreamTarget) -> list[Any]:
+    if target.maxlen is None:
+        return ["XADD", target.name]
+    return ["XADD", target.name, "MAXLEN", "~", target.maxlen]
+
+
+def _flat(fields: Fields) -> list[bytes | str]:
+    flat: list[bytes | str] = []
+    for name, value in fields.items():
+        flat += (name, value)
+    return flat
+
+
+def _too_large_entry(message: Message, info: DeadLetterInfo) -> Fields:
+    head = dataclasses.replace(message, body=message.body[:TOO_LARGE_BODY_KEPT])
+    fields = dead_letter_fields(head, info)
+    fields["body_size"] = str(len(message.body))
+    return fields
+
+
+def _encode(item: Publish) -> Fields:
+    info = item.dead_letter
+    if info is None:
+        return entry_fields(item.message)
+    if info.reason == "too-large":
+        return _too_large_entry(item.message, info)
+    try:
+        return dead_letter_fields(item.message, info)
+    except Exception:  # headers that cannot be encoded must not keep the dead letter out
+        return dead_letter_fields(dataclasses.replace(item.message, headers=EMPTY_HEADERS), info)
+
+
+def _written(has_id: bool) -> Outcome:
+    return None if has_id else Accepted.NO_MESSAGE_ID
+
+
+def _script_outcome(result: Any, target: StreamTarget, has_id: bool) -> Outcome:
+    if result == 0:
+        return Accepted.DUPLICATE
+    text = result.decode(errors="replace") if isinstance(result, bytes) else str(result)
+    if text[:1].isdigit():
+        return _written(has_id)
+    return _refused(target, text)
+
+
+# An entry to write to a de-duplicated stream: (item index, message id or None, fields).
+Entry = tuple[int, str | None, Fields]
+
+
+@dataclass(slots=True)
+class _Call:
+    """One command of a batch's pipeline, the items it writes and how to read its reply."""
+
+    args: list[Any]
+    indexes: list[int]
+    outcomes: Callable[[Any], list[Outcome]]
+
+
+def _plain_call(index: int, target: StreamTarget, fields: Fields) -> _Call:
+    args = [*_xadd_args(target), "*", *_flat(fields)]
+    return _Call(args, [index], lambda reply: [_reply_outcome(reply, target)])
+
+
+def _script_call(target: StreamTarget, entries: list[Entry], window_ms: int) -> _Call:
+    keys: list[str] = [target.name]
+    args: list[Any] = [window_ms, "" if target.maxlen is None else target.maxlen]
+    for _index, message_id, fields in entries:
+        flat = _flat(fields)
+        if message_id is not None:
+            keys.append(dedupe_key(target.name, message_id))
+        args += ("0" if message_id is None else "1", len(flat), *flat)
+
+    def outcomes(reply: Any) -> list[Outcome]:
+        if isinstance(reply, Exception):
+            return [_reply_outcome(reply, target)] * len(entries)
+        return [
+            _script_outcome(result, target, message_id is not None)
+            for result, (_i, message_id, _f) in zip(reply, entries, strict=True)
+        ]
+
+    # args[1], the script's sha, is filled in when the pipeline runs: it may need loading first.
+    return _Call(["EVALSHA", "", len(keys), *keys, *args], [i for i, _, _ in entries], outcomes)
+
+
 class RedisStreamSink:
-    def __init__(self, url: SecretStr, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: SecretStr, *, timeout: float = 5.0, dedupe_window: float = 86400.0
+    ) -> None:
         self._timeout = timeout
+        self._window_ms = max(1, round(dedupe_window * 1000))
         # Our own retry loop decides when to try again; the client must fail fast instead.
         self._client = aioredis.Redis.from_url(
             url.get_secret_value(),
@@ -49,6 +224,9 @@ class RedisStreamSink:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        # What we learnt from the server on this connection; forgotten when it fails.
+        self._script_sha = ""
+        self._server: _Server | None = None
 
     @property
     def broker(self) -> str:
@@ -62,44 +240,199 @@ class RedisStreamSink:
         await self.ping()
 
     async def ping(self) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._client.ping()
-        except _UNREACHABLE as exc:
-            raise TransientError(f"redis: {exc or type(exc).__name__}") from exc
-        except redis_errors.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
+        await self._guarded(self._client.ping())
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
-        encoded: dict[int, Fields] = {}  # one encoding per message, however many streams
-        pipe = self._client.pipeline(transaction=False)
-        for item in items:
+        outcomes: list[Outcome] = [None] * len(items)
+        encoded: dict[int, Fields | PermanentError] = {}  # one encoding per message or dead letter
+        calls: list[_Call] = []
+        deduped: dict[StreamTarget, list[Entry]] = {}
+        for index, item in enumerate(items):
             target = item.target
             if not isinstance(target, StreamTarget):
                 raise TypeError(f"RedisStreamSink cannot publish to {target!r}")
             key = id(item.message) if item.dead_letter is None else id(item)
             fields = encoded.get(key)
             if fields is None:
-                if item.dead_letter is None:
-                    fields = entry_fields(item.message)
-                else:
-                    fields = dead_letter_fields(item.message, item.dead_letter)
-                encoded[key] = fields
-            pipe.xadd(target.name, fields, maxlen=target.maxlen, approximate=True)  # type: ignore[arg-type]
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies = await pipe.execute(raise_on_error=False)
-        except _UNREACHABLE as exc:
-            raise TransientError(f"redis: {exc or type(exc).__name__}") from exc
-        except redis_errors.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        outcomes: list[Outcome] = []
-        for item, reply in zip(items, replies, strict=True):
-            target = item.target
-            if not isinstance(target, StreamTarget):  # pragma: no cover - checked above
-                raise TypeError(f"RedisStreamSink cannot publish to {target!r}")
-            outcomes.append(_reply_outcome(reply, target))
+                fields = encoded[key] = _encode_or_refuse(item)
+            if isinstance(fields, PermanentError):
+                outcomes[index] = fields
+            elif target.dedupe and item.dead_letter is None:
+                deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
+            else:
+                calls.append(_plain_call(index, target, fields))
+        native = None
+        if deduped:
+            server = await self._detect()
+            native = server.native
+            for target, entries in deduped.items():
+                if native is None:
+                    calls.append(_script_call(target, entries, self._window_ms))
+            if native is not None:
+                calls = native.calls(deduped) + calls
+        replies = await self._execute(calls, transaction=native is not None)
+        for call, reply in zip(calls, replies, strict=True):
+            for index, outcome in zip(call.indexes, call.outcomes(reply), strict=True):
+                outcomes[index] = outcome
         return outcomes
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    async def _execute(self, calls: list[_Call], *, transaction: bool) -> list[Any]:
+        scripted = [call for call in calls if call.args[0] == "EVALSHA"]
+        if scripted and not self._script_sha:
+            self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
+        for call in scripted:
+            call.args[1] = self._script_sha
+        replies = await self._pipeline([call.args for call in calls], transaction=transaction)
+        missing = [
+            position
+            for position, reply in enumerate(replies)
+            if isinstance(reply, redis_errors.NoScriptError)
+        ]
+        if missing:  # those calls did not run at all: load the script and run just them again
+            self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
+            for position in missing:
+                calls[position].args[1] = self._script_sha
+            again = await self._pipeline([calls[p].args for p in missing], transaction=False)
+            for position, reply in zip(missing, again, strict=True):
+                replies[position] = reply
+        return replies
+
+    async def _pipeline(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
+        pipe = self._client.pipeline(transaction=transaction)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await self._guarded(pipe.execute(raise_on_error=False))
+        return replies
+
+    async def _detect(self) -> _Server:
+        if self._server is None:
+            info = await self._guarded(self._client.info("server"))
+            version = str(info.get("redis_version", ""))
+            native = _NativeDedupe(self._window_ms) if _has_idmp(version) else None
+            self._server = _Server(version, native)
+        return self._server
+
+    async def _guarded(self, awaitable: Any) -> Any:
+        """Await a Redis call within the timeout; unreachable becomes ``TransientError``."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except _UNREACHABLE as exc:
+            self._forget_server()
+            raise TransientError(f"redis: {exc or type(exc).__name__}") from exc
+        except redis_errors.RedisError as exc:
+            self._forget_server()
+            raise TransientError(f"redis: {exc}") from exc
+
+    def _forget_server(self) -> None:
+        # The next connection may reach another server (restart, failover, upgrade).
+        self._script_sha = ""
+        self._server = None
+
+
+def _encode_or_refuse(item: Publish) -> Fields | PermanentError:
+    try:
+        return _encode(item)
+    except Exception as exc:  # headers that cannot be encoded cost this message, not the worker
+        return PermanentError("rejected", f"cannot encode the entry: {type(exc).__name__}: {exc}")
+
+
+def _has_idmp(version: str) -> bool:
+    numbers: list[int] = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits or 0))
+    return tuple(numbers) >= (8, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    version: str
+    native: _NativeDedupe | None  # None: this server has no idempotent XADD
+
+
+# --- the native path (Redis >= 8.6) --------------------------------------------------------------
+
+
+class _NativeDedupe:
+    """``XADD ... IDMP producer message-id``, every replica under one producer id so that each
+    recognises the others' writes.
+
+    ``XCFGSET`` sets how long a stream keeps ids: the window, within the server's limits (24 h and
+    10,000 ids per producer: past that many newer ids, an old id is forgotten early). Setting new
+    values clears a stream's ids, so it is sent once per stream per connection: before the writes
+    (an error on a stream that does not exist yet, ignored) and after them (for a stream the writes
+    just created; a no-op when the values already hold).
+
+    A duplicate's reply is the id of the entry first written, so an entry counts as new when its id
+    is not older than the batch's transaction (TIME, first in the same MULTI; 1 ms of slack for the
+    server's cached command time) and newer than the entries before it in the batch.
+    """
+
+    PRODUCER = "message-proxy"
+    MAX_DURATION_S = 86400
+    MAX_IDS = 10_000
+
+    def __init__(self, window_ms: int) -> None:
+        self._config = [
+            "IDMP-DURATION",
+            min(self.MAX_DURATION_S, max(1, window_ms // 1000)),
+            "IDMP-MAXSIZE",
+            self.MAX_IDS,
+        ]
+        self._configured: set[str] = set()
+
+    def calls(self, deduped: dict[StreamTarget, list[Entry]]) -> list[_Call]:
+        started_ms = [0]
+
+        def record_time(reply: Any) -> list[Outcome]:
+            if not isinstance(reply, Exception):
+                started_ms[0] = int(reply[0]) * 1000 + int(reply[1]) // 1000 - 1
+            return []
+
+        calls = [_Call(["TIME"], [], record_time)]
+        for target, entries in deduped.items():
+            name = target.name
+            configure = name not in self._configured
+            if configure:
+                calls.append(_Call(["XCFGSET", name, *self._config], [], lambda _reply: []))
+            newest = [(0, 0)]
+            for index, message_id, fields in entries:
+                args: list[Any] = ["XADD", name]
+                if message_id is not None:
+                    args += ("IDMP", self.PRODUCER, message_id)
+                args += [*_xadd_args(target)[2:], "*", *_flat(fields)]
+                calls.append(
+                    _Call(args, [index], self._classify(target, message_id, started_ms, newest))
+                )
+            if configure:
+                calls.append(_Call(["XCFGSET", name, *self._config], [], self._mark(name)))
+        return calls
+
+    def _mark(self, name: str) -> Callable[[Any], list[Outcome]]:
+        def mark(reply: Any) -> list[Outcome]:
+            if not isinstance(reply, Exception):
+                self._configured.add(name)
+            return []
+
+        return mark
+
+    @staticmethod
+    def _classify(
+        target: StreamTarget, message_id: str | None, started_ms: list[int], newest: list[Any]
+    ) -> Callable[[Any], list[Outcome]]:
+        def classify(reply: Any) -> list[Outcome]:
+            if isinstance(reply, Exception):
+                return [_reply_outcome(reply, target)]
+            text = reply.decode() if isinstance(reply, bytes) else str(reply)
+            millis, _, seq = text.partition("-")
+            entry_id = (int(millis), int(seq or 0))
+            if message_id is not None and (entry_id[0] < started_ms[0] or entry_id <= newest[0]):
+                return [Accepted.DUPLICATE]
+            newest[0] = max(newest[0], entry_id)
+            return [_written(message_id is not None)]
+
+        return classify
