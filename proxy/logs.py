@@ -102,3 +102,6 @@ def configure_logging(level: str | int = "INFO", *, stream: TextIO | None = None
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
+    # Python warnings (e.g. aio-pika's "coroutine 'Connection.close' was never awaited" when a
+    # failed connect is garbage-collected) too, instead of plain text on stderr.
+    logging.captureWarnings(True)
