@@ -42,6 +42,8 @@ class TcpProxy:
             self._call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> TcpProxy:
         return self.start()
@@ -101,6 +103,11 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
         await self._close_all()
+        # Connection handlers still pending would be destroyed with the loop, with a warning each.
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _close_all(self) -> None:
         for writer in list(self._writers):
