@@ -17,6 +17,7 @@ from tests.helpers import (
     WorkerProcess,
     amqp_url_via,
     async_wait_for,
+    declare_topology,
     delete_keys,
     delete_queues,
     publish,
@@ -187,10 +188,13 @@ async def test_sigterm_mid_flow_exits_0_and_everything_acked_is_in_redis(
 ) -> None:
     count = 20_000
     config = config_for(names, extra="shutdown_timeout = 5")
-    worker = WorkerProcess(config, tmp_path).start()
+    await declare_topology(names["queue"])
+    await publish(numbered(count), routing_key=names["queue"], confirm_every=2000)
+    worker = WorkerProcess(config, tmp_path).start()  # a backlog: SIGTERM lands mid-drain
     try:
-        await publish(numbered(count), routing_key=names["queue"], confirm_every=2000)
-        await async_wait_for(lambda: _length_at_least(names["stream"], 2000), within=60)
+        await async_wait_for(
+            lambda: _length_at_least(names["stream"], 1000), within=60, interval=0.01
+        )
         stopped_at = time.monotonic()
         worker.signal(signal.SIGTERM)
         assert worker.wait(timeout=15) == 0
@@ -202,6 +206,7 @@ async def test_sigterm_mid_flow_exits_0_and_everything_acked_is_in_redis(
         print(f"\nSIGTERM: stopped in {took:.2f}s; {acked} acked, {len(ids)} in the stream")
         # Everything acked is in Redis: the ids not in the queue any more are all in the stream.
         assert len(ids) >= acked
+        assert remaining > 0, "the stop must land mid-drain"
         assert "stopped" in worker.logs()
     finally:
         worker.kill()
