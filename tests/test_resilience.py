@@ -129,8 +129,10 @@ async def test_redis_outage_holds_without_acking(tmp_path: Path, names: dict[str
             # Held, not acked: every message published during the outage is still in the queue
             # (ready or unacked), none was dropped.
             assert worker.get("/ready")[0] == 503
-            unacked = await _unacked_or_ready(names["queue"])
-            assert unacked == count - 1000
+            ready, unacked = await _ready_and_unacked(names["queue"])
+            assert ready + unacked == count - 1000
+            assert unacked <= 1000  # prefetch: the worker stopped taking deliveries
+            assert ready >= count - 2000
             healed_at = time.monotonic()
             redis_proxy.heal()
             ids = await all_ids_arrive(names["stream"], count, within=60)
@@ -141,23 +143,24 @@ async def test_redis_outage_holds_without_acking(tmp_path: Path, names: dict[str
     assert "retry" in logs and "held, not acked" in logs
 
 
-async def _unacked_or_ready(queue: str) -> int:
-    """Messages still owned by the queue: ready plus delivered-but-unacked (via rabbitmqctl)."""
+async def _ready_and_unacked(queue: str) -> tuple[int, int]:
+    """Messages the queue still owns: (ready, delivered but unacked), via rabbitmqctl."""
     process = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         "list_queues",
         "-q",
         "--no-table-headers",
         "name",
-        "messages",
+        "messages_ready",
+        "messages_unacknowledged",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
     out, _ = await process.communicate()
     for line in out.decode().splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0] == queue:
-            return int(parts[1])
+        if len(parts) == 3 and parts[0] == queue:
+            return int(parts[1]), int(parts[2])
     raise AssertionError(f"queue {queue} not listed")
 
 
