@@ -28,13 +28,17 @@ RUN apk add --no-cache binutils \
 COPY pyproject.toml uv.lock ./
 RUN uv sync --locked --no-dev --no-editable --no-install-project --extra speed
 
-# Then the project itself, installed (not editable) and slimmed in one step.
+# Then the project itself, installed (not editable) and slimmed in one step. The modules named
+# after the venv are imported once slimmed: what the worker imports as it starts (the CLI imports
+# lazily), so that a broken venv fails here and their stdlib bytecode is cached.
 COPY docker/slim-venv.sh /usr/local/bin/slim-venv
 COPY README.md ./
 COPY proxy ./proxy
 COPY workers ./workers
 RUN uv sync --locked --no-dev --no-editable --extra speed \
-    && sh /usr/local/bin/slim-venv --system-caches /app/.venv workers.exchange_relay proxy.probe
+    && sh /usr/local/bin/slim-venv --system-caches /app/.venv \
+        workers.exchange_relay proxy.worker proxy.sidecar proxy.logs \
+        uvloop proxy.probe
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="message-proxy exchange-relay" \
