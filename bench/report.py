@@ -1,0 +1,437 @@
+"""Summaries of the raw runs: the printed table, ``docs/BENCHMARKS.md`` and the bar chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+
+PROXY = "message-proxy"
+CEILING = "ack-only ceiling"
+NAIVE = "naive bridge"
+RELAY = "message-proxy relay"
+SHOVEL = "RabbitMQ Shovel"
+
+
+# --- machine -----------------------------------------------------------------------------------
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _command_output(command: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout
+
+
+def machine_notes() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    rabbit = ""
+    for line in _command_output(["rabbitmqctl", "-q", "version"]).splitlines():
+        rabbit = line.strip() or rabbit
+    redis_version = ""
+    for line in _command_output(["redis-cli", "info", "server"]).splitlines():
+        if line.startswith("redis_version:"):
+            redis_version = line.split(":", 1)[1].strip()
+    packages = {}
+    for name in ("aio-pika", "aiormq", "pamqp", "redis", "hiredis", "uvloop", "faststream"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "absent"
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(logical=True),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "rabbitmq": rabbit,
+        "redis": redis_version,
+        "packages": packages,
+        "load_before": load_average(),
+    }
+
+
+# --- summaries ---------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _runs_of(results: dict[str, Any], workload: str) -> dict[str, list[dict[str, Any]]]:
+    value = results.get(workload)
+    return value if isinstance(value, dict) else {}
+
+
+def paired_ratio(runs: dict[str, list[dict[str, Any]]], top: str, base: str) -> float:
+    """Median over rounds of top's rate / base's rate, both measured in the same round."""
+    base_by_round = {r["round"]: r["rate"] for r in runs.get(base, [])}
+    ratios = [
+        r["rate"] / base_by_round[r["round"]]
+        for r in runs.get(top, [])
+        if r["round"] in base_by_round
+    ]
+    return median(ratios)
+
+
+def _rates(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['rate']:,.0f}" for r in runs)
+
+
+def _cpu(runs: list[dict[str, Any]], part: str) -> float:
+    return median([r["cpu_us_per_msg"][part] for r in runs])
+
+
+def _problems(runs: list[dict[str, Any]]) -> list[str]:
+    return [p for r in runs for p in r.get("problems", [])]
+
+
+def drain_rows(runs: dict[str, list[dict[str, Any]]], top: str) -> list[list[str]]:
+    rows = []
+    for peer, peer_runs in runs.items():
+        rows.append(
+            [
+                peer,
+                f"{median([r['rate'] for r in peer_runs]):,.0f}",
+                "-" if peer == top else f"{paired_ratio(runs, top, peer):.2f}x",
+                f"{_cpu(peer_runs, 'peer'):.0f}",
+                f"{_cpu(peer_runs, 'rabbitmq'):.0f}",
+                f"{_cpu(peer_runs, 'redis'):.0f}",
+                f"{median([r['peak_rss_mb'] for r in peer_runs]):.0f}" if peer != SHOVEL else "-",
+                _rates(peer_runs),
+            ]
+        )
+    return rows
+
+
+DRAIN_HEADER = [
+    "peer",
+    "msg/s (median)",
+    "message-proxy / peer",
+    "peer CPU us/msg",
+    "RabbitMQ CPU us/msg",
+    "Redis CPU us/msg",
+    "peak RSS MB",
+    "every run, msg/s",
+]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+
+    def add(what: str, wanted: str, value: float, ok: Callable[[float], bool], fmt: str) -> None:
+        if value != value:  # NaN: not measured
+            return
+        rows.append([what, wanted, format(value, fmt), "yes" if ok(value) else "**no**"])
+
+    stream = _runs_of(results, "stream")
+    if stream:
+        add(
+            "1. message-proxy / ack-only ceiling",
+            ">= 0.9x",
+            paired_ratio(stream, PROXY, CEILING),
+            lambda v: v >= 0.9,
+            ".2f",
+        )
+        add(
+            "1. message-proxy / naive bridge",
+            ">= 3x",
+            paired_ratio(stream, PROXY, NAIVE),
+            lambda v: v >= 3,
+            ".2f",
+        )
+    exchange = _runs_of(results, "exchange")
+    if exchange:
+        add(
+            "2. relay / Shovel",
+            ">= 1.0x",
+            paired_ratio(exchange, RELAY, SHOVEL),
+            lambda v: v >= 1.0,
+            ".2f",
+        )
+    if results.get("latency"):
+        add(
+            "4. latency p99 (ms)",
+            "< 10",
+            median([r["p99_ms"] for r in results["latency"]]),
+            lambda v: v < 10,
+            ".2f",
+        )
+    if results.get("memory"):
+        add(
+            f"5. peak RSS, backlog {results['settings']['backlog']:,} (MB)",
+            "< 80",
+            median([r["peak_rss_mb"] for r in results["memory"]]),
+            lambda v: v < 80,
+            ".1f",
+        )
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    """The plain-text summary printed at the end of a run."""
+    parts = []
+    stream = _runs_of(results, "stream")
+    if stream:
+        parts.append("1. drain -> one Redis stream (ratio: message-proxy / peer, same round)")
+        parts.append(plain_table(DRAIN_HEADER, drain_rows(stream, PROXY)))
+    exchange = _runs_of(results, "exchange")
+    if exchange:
+        parts.append("\n2. drain -> exchange")
+        parts.append(plain_table(DRAIN_HEADER, drain_rows(exchange, RELAY)))
+    if results.get("fanout"):
+        parts.append("\n3. fan-out")
+        parts.append(plain_table(*fanout_rows(results["fanout"])))
+    if results.get("latency"):
+        parts.append("\n4. latency")
+        parts.append(plain_table(*latency_rows(results)))
+    if results.get("memory"):
+        parts.append("\n5. memory")
+        parts.append(plain_table(*memory_rows(results)))
+    if results.get("startup"):
+        parts.append("\n6. start-up")
+        parts.append(plain_table(*startup_rows(results["startup"])))
+    parts.append("\ntargets")
+    parts.append(plain_table(["target", "wanted", "measured", "met"], targets(results)))
+    return "\n".join(parts)
+
+
+def fanout_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["msg/s", "stream entries/s", "outputs/s (2 entries + 1 publish)", "every run, msg/s"]
+    rows = [
+        [
+            f"{median([r['rate'] for r in runs]):,.0f}",
+            f"{median([r['entries_rate'] for r in runs]):,.0f}",
+            f"{median([r['outputs_rate'] for r in runs]):,.0f}",
+            _rates(runs),
+        ]
+    ]
+    return header, rows
+
+
+def latency_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    runs = results["latency"]
+    header = ["p50 ms", "p99 ms", "max ms", "messages per run", "every run: p50 / p99 / max"]
+    every = "; ".join(f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['max_ms']:.1f}" for r in runs)
+    rows = [
+        [
+            f"{median([r['p50_ms'] for r in runs]):.2f}",
+            f"{median([r['p99_ms'] for r in runs]):.2f}",
+            f"{median([r['max_ms'] for r in runs]):.1f}",
+            f"{median([r['received'] for r in runs]):,.0f}",
+            every,
+        ]
+    ]
+    return header, rows
+
+
+def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    runs = results["memory"]
+    header = ["backlog", "peak RSS MB", "drain msg/s", "pre-fill msg/s", "every run: peak RSS MB"]
+    rows = [
+        [
+            f"{results['settings']['backlog']:,}",
+            f"{median([r['peak_rss_mb'] for r in runs]):.1f}",
+            f"{median([r['rate'] for r in runs]):,.0f}",
+            f"{median([r['fill_rate'] for r in runs]):,.0f}",
+            ", ".join(f"{r['peak_rss_mb']:.1f}" for r in runs),
+        ]
+    ]
+    return header, rows
+
+
+def startup_rows(runs: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+    header = ["role", "start to /ready, ms (median)", "every run, ms"]
+    rows = [
+        [
+            f"python -m {module}",
+            f"{median(times) * 1000:.0f}",
+            ", ".join(f"{t * 1000:.0f}" for t in times),
+        ]
+        for module, times in runs.items()
+    ]
+    return header, rows
+
+
+# --- chart -------------------------------------------------------------------------------------
+
+
+def _drain_panel(axis: Any, results: dict[str, Any]) -> None:
+    names, values, colors = [], [], []
+    for workload, color in (("stream", "#4878a8"), ("exchange", "#c0733a")):
+        for peer, runs in _runs_of(results, workload).items():
+            names.append(peer.replace(" ", "\n", 1))
+            values.append(median([r["rate"] for r in runs]))
+            colors.append("#2e8b57" if peer.startswith(PROXY) else color)
+    bars = axis.bar(range(len(values)), values, color=colors)
+    axis.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    axis.set_xticks(range(len(values)), names, fontsize=7)
+    axis.set_ylabel("messages per second (median)")
+    axis.set_title("Drains: to a stream (blue), to an exchange (orange)", fontsize=9)
+
+
+def _latency_panel(axis: Any, results: dict[str, Any]) -> None:
+    runs = results["latency"]
+    labels = ["p50", "p99", "max"]
+    values = [median([r[f"{k}_ms"] for r in runs]) for k in labels]
+    bars = axis.bar(labels, values, color=["#2e8b57", "#2e8b57", "#999999"])
+    axis.bar_label(bars, labels=[f"{v:.1f} ms" for v in values], fontsize=8)
+    axis.axhline(10, color="#b22222", linestyle="--", linewidth=1)
+    axis.set_ylabel("publish to visible in Redis, ms")
+    rate = results["settings"]["latency_rate"]
+    axis.set_title(f"Latency at {rate:,.0f} msg/s (red: p99 target)", fontsize=9)
+
+
+def _memory_panel(axis: Any, results: dict[str, Any]) -> None:
+    names, values = [], []
+    for peer, runs in _runs_of(results, "stream").items():
+        names.append(peer.replace(" ", "\n", 1))
+        values.append(median([r["peak_rss_mb"] for r in runs]))
+    if results.get("memory"):
+        names.append(f"message-proxy\n{results['settings']['backlog'] // 1000}k backlog")
+        values.append(median([r["peak_rss_mb"] for r in results["memory"]]))
+    colors = ["#2e8b57" if n.startswith(PROXY) else "#4878a8" for n in names]
+    bars = axis.bar(range(len(values)), values, color=colors)
+    axis.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    axis.axhline(80, color="#b22222", linestyle="--", linewidth=1)
+    axis.set_xticks(range(len(values)), names, fontsize=7)
+    axis.set_ylabel("peak RSS, MB")
+    axis.set_title("Peak RSS while draining (red: target)", fontsize=9)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[Callable[[Any, dict[str, Any]], None]] = []
+    if _runs_of(results, "stream") or _runs_of(results, "exchange"):
+        panels.append(_drain_panel)
+    if results.get("latency"):
+        panels.append(_latency_panel)
+    if results.get("memory") or _runs_of(results, "stream"):
+        panels.append(_memory_panel)
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for axis, draw in zip(axes[0], panels, strict=True):
+        draw(axis, results)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- the document ------------------------------------------------------------------------------
+
+
+def write(results: dict[str, Any], markdown: Path, png: Path) -> None:
+    chart(results, png)
+    markdown.write_text(document(results, png.name))
+
+
+def document(results: dict[str, Any], png_name: str) -> str:
+    from bench.notes import HOW_TIMED, PEERS, PROFILE, intro
+
+    settings, machine = results["settings"], results["machine"]
+    out = [intro(settings)]
+    out.append("## Targets\n")
+    out.append(markdown_table(["target", "wanted", "measured", "met"], targets(results)))
+    out.append(f"\n![benchmarks]({png_name})\n")
+    stream = _runs_of(results, "stream")
+    if stream:
+        out.append(
+            f"## 1. Drain {settings['messages']:,} messages: AMQP -> one Redis stream\n\n"
+            "message-proxy / peer: message-proxy's rate divided by the peer's, both measured in "
+            "the same round, median over rounds. CPU is per message, from the first delivery to "
+            "the end of the drain.\n"
+        )
+        out.append(markdown_table(DRAIN_HEADER, drain_rows(stream, PROXY)))
+    exchange = _runs_of(results, "exchange")
+    if exchange:
+        out.append(
+            f"\n## 2. Drain {settings['messages']:,} messages: AMQP -> AMQP exchange\n\n"
+            "The Shovel runs inside RabbitMQ, so its CPU is counted in RabbitMQ's column.\n"
+        )
+        out.append(markdown_table(DRAIN_HEADER, drain_rows(exchange, RELAY)))
+    if results.get("fanout"):
+        out.append(
+            "\n## 3. Fan-out: each message to two streams and one exchange (message-proxy)\n\n"
+            "One route, three destinations: two Redis streams and one exchange, in one batch.\n"
+        )
+        out.append(markdown_table(*fanout_rows(results["fanout"])))
+    if results.get("latency"):
+        out.append(
+            f"\n## 4. Latency at a steady {settings['latency_rate']:,.0f} msg/s for "
+            f"{settings['latency_seconds']:.0f} s (default batch settings)\n"
+        )
+        out.append(markdown_table(*latency_rows(results)))
+    if results.get("memory"):
+        out.append(f"\n## 5. Memory: draining a backlog of {settings['backlog']:,}\n")
+        out.append(markdown_table(*memory_rows(results)))
+    if results.get("startup"):
+        out.append("\n## 6. Start-up: process start to `/ready` 200\n")
+        out.append(markdown_table(*startup_rows(results["startup"])))
+    out.append("\n" + HOW_TIMED)
+    out.append(PEERS)
+    out.append(PROFILE)
+    out.append(machine_section(results, machine))
+    problems = [
+        p
+        for w in ("stream", "exchange")
+        for runs in _runs_of(results, w).values()
+        for p in _problems(runs)
+    ]
+    problems += [p for w in ("fanout", "memory") for p in _problems(results.get(w) or [])]
+    if problems:
+        out.append("\n## Problems seen in this run\n\n" + "\n".join(f"- {p}" for p in problems))
+    return "\n".join(out) + "\n"
+
+
+def machine_section(results: dict[str, Any], machine: dict[str, Any]) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
+    durations = ", ".join(
+        f"{name} {seconds / 60:.1f} min" for name, seconds in results.get("durations", {}).items()
+    )
+    return (
+        "\n## Machine\n\n"
+        f"- {machine['cpu']}, {machine['cores']} logical cores, {machine['memory_gb']} GB, "
+        f"Linux {machine['kernel']}; Python {machine['python']}.\n"
+        f"- RabbitMQ {machine['rabbitmq']}, Redis {machine['redis']}, both on the same machine, "
+        "shared with other work: load average "
+        f"{machine['load_before']} before the run and {results.get('machine_after')} after.\n"
+        f"- {packages}.\n"
+        f"- The whole run took {results.get('total_seconds', 0) / 60:.1f} min ({durations}).\n"
+    )

@@ -1,0 +1,505 @@
+"""The six workloads. Each returns plain dicts (one per run) that ``report`` summarises."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+
+from bench import brokers, publisher
+from bench.procs import Proc, broker_cpu_seconds, wait_ready
+from bench.publisher import RawPublisher
+
+STREAM_MAXLEN = 10_000_000  # what a user sets so the stream cannot grow without bound
+_next_port = [18_500]
+
+
+def free_port() -> int:
+    import socket
+
+    for _ in range(200):
+        _next_port[0] += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", _next_port[0]))
+            except OSError:
+                continue
+            return _next_port[0]
+    raise RuntimeError("no free port")
+
+
+# --- peers -------------------------------------------------------------------------------------
+
+
+class Handle(Protocol):
+    def alive(self) -> bool: ...
+    def cpu_seconds(self) -> float: ...
+    @property
+    def peak_rss(self) -> int: ...
+    def stop(self) -> int: ...
+
+
+@dataclass
+class Peer:
+    name: str
+    kind: str  # "stream", "exchange" or "counter" (acked so far): what its output is
+    start: Callable[[str, str, Path], Handle]  # (queue, stream or exchange, log dir)
+
+
+def proxy_config(queue: str, destinations: list[str], port: int) -> str:
+    to = ", ".join(destinations)
+    return f"""\
+[amqp]
+url = "{brokers.AMQP_URL}"
+prefetch = 1000
+
+[health]
+host = "127.0.0.1"
+port = {port}
+
+[[sources]]
+queue = "{queue}"
+
+[[routes]]
+name = "bench"
+to = [ {to} ]
+"""
+
+
+def stream_to(stream: str) -> str:
+    return f'{{ stream = "{stream}", maxlen = {STREAM_MAXLEN} }}'
+
+
+def exchange_to(exchange: str) -> str:
+    return f'{{ exchange = "{exchange}", routing_key = "{{routing_key}}" }}'
+
+
+def start_proxy(
+    module: str,
+    args: list[str],
+    queue: str,
+    destinations: list[str],
+    log_dir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> tuple[Proc, int]:
+    port = free_port()
+    config = log_dir / f"{name}.toml"
+    config.write_text(proxy_config(queue, destinations, port))
+    proc = Proc(module, [*args, "--config", str(config)], log_dir=log_dir, name=name, env=env)
+    return proc.start(), port
+
+
+def _proxy_stream(queue: str, stream: str, log_dir: Path) -> Handle:
+    name = f"message-proxy-{stream}"
+    return start_proxy("workers.stream_bridge", [], queue, [stream_to(stream)], log_dir, name)[0]
+
+
+def _proxy_exchange(queue: str, exchange: str, log_dir: Path) -> Handle:
+    name = f"message-proxy-{exchange}"
+    destinations = [exchange_to(exchange)]
+    return start_proxy("workers.exchange_relay", [], queue, destinations, log_dir, name)[0]
+
+
+def _peer_process(module: str) -> Callable[[str, str, Path], Handle]:
+    def start(queue: str, stream: str, log_dir: Path) -> Handle:
+        args = ["--queue", queue, "--stream", stream, "--prefetch", "1000"]
+        proc = Proc(module, args, log_dir=log_dir, name=f"{module.rsplit('.', 1)[-1]}-{queue}")
+        return proc.start()
+
+    return start
+
+
+class Shovel:
+    """A dynamic shovel (inside RabbitMQ): its CPU shows up as the broker's."""
+
+    enabled = False
+
+    def __init__(self, queue: str, exchange: str) -> None:
+        self.name = f"{queue}-shovel"
+        if not Shovel.enabled:
+            _run(["rabbitmq-plugins", "enable", "rabbitmq_shovel"])
+            Shovel.enabled = True
+        definition = {
+            "src-protocol": "amqp091",
+            "src-uri": brokers.AMQP_URL,
+            "src-queue": queue,
+            "src-prefetch-count": 1000,
+            "dest-protocol": "amqp091",
+            "dest-uri": brokers.AMQP_URL,
+            "dest-exchange": exchange,
+            "ack-mode": "on-confirm",
+            "src-delete-after": "never",
+        }
+        _run(["rabbitmqctl", "-q", "set_parameter", "shovel", self.name, json.dumps(definition)])
+
+    def alive(self) -> bool:
+        return True
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    @property
+    def peak_rss(self) -> int:
+        return 0
+
+    def stop(self) -> int:
+        _run(["rabbitmqctl", "-q", "clear_parameter", "shovel", self.name])
+        return 0
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr or done.stdout}")
+
+
+STREAM_PEERS = [
+    Peer("message-proxy", "stream", _proxy_stream),
+    Peer("naive bridge", "stream", _peer_process("bench.peers.naive_bridge")),
+    Peer("FastStream bridge", "stream", _peer_process("bench.peers.faststream_bridge")),
+    Peer("ack-only ceiling", "counter", _peer_process("bench.peers.ack_only")),
+]
+EXCHANGE_PEERS = [
+    Peer("message-proxy relay", "exchange", _proxy_exchange),
+    Peer("RabbitMQ Shovel", "exchange", lambda queue, exchange, _log: Shovel(queue, exchange)),
+]
+
+
+# --- drains (workloads 1, 2, 5) -----------------------------------------------------------------
+
+
+@dataclass
+class Cpu:
+    peer: float = 0.0
+    rabbitmq: float = 0.0
+    redis: float = 0.0
+
+    @staticmethod
+    def now(handle: Handle) -> Cpu:
+        brokers_cpu = broker_cpu_seconds()
+        return Cpu(handle.cpu_seconds(), brokers_cpu["rabbitmq"], brokers_cpu["redis"])
+
+
+@dataclass
+class Outputs:
+    """Where a drain's output lands and how to tell it is complete."""
+
+    streams: list[str] = field(default_factory=list)
+    queues: list[str] = field(default_factory=list)  # bound to the destination exchange
+    counters: list[str] = field(default_factory=list)  # Redis keys the ack-only peer counts in
+
+    async def counts(self, client: aioredis.Redis | None = None) -> list[int]:
+        """How many entries (or acks) each output holds so far."""
+        own = client is None
+        client = client or brokers.redis_client()
+        try:
+            counts = [int(await client.xlen(s)) for s in self.streams]
+            counts += [int(await client.get(c) or 0) for c in self.counters]
+        finally:
+            if own:
+                await client.aclose()
+        return counts + [await brokers.queue_depth(q) for q in self.queues]
+
+
+async def drain(
+    start: Callable[[], Handle],
+    queue: str,
+    total: int,
+    outputs: Outputs,
+    *,
+    fill: bool = True,
+) -> dict[str, Any]:
+    """Pre-fill, start the peer, time the drain from the broker's side, stop, verify."""
+    if fill:
+        await brokers.declare_queue(queue)
+        filled_at = time.perf_counter()
+        await publisher.fill(queue, total, lanes=1)
+        fill_rate = total / (time.perf_counter() - filled_at)
+    else:
+        fill_rate = 0.0
+    depth = await brokers.queue_depth(queue)
+    if depth != total:
+        raise RuntimeError(f"pre-fill left {depth} messages in {queue}, expected {total}")
+    client = brokers.redis_client()
+
+    async def complete() -> bool:
+        return all(count >= total for count in await outputs.counts(client))
+
+    handle = start()
+    marks: dict[str, Cpu] = {}
+    try:
+        timing = await brokers.observe_drain(
+            queue,
+            total,
+            complete,
+            alive=handle.alive,
+            on_first=lambda: marks.__setitem__("first", Cpu.now(handle)),
+        )
+        end = Cpu.now(handle)
+    finally:
+        await client.aclose()
+        code = handle.stop()
+    first = marks["first"]
+    left = await brokers.queue_depth(queue)
+    counts = await outputs.counts()
+    problems = []
+    if left:
+        problems.append(f"{left} messages left unacked in the source queue")
+    if any(count != total for count in counts):
+        problems.append(f"output counts {counts}, expected {total} each")
+    if code not in (0, -15):
+        problems.append(f"exit code {code}")
+    return {
+        "messages": total,
+        "seconds": timing.seconds,
+        "rate": total / timing.seconds,
+        "delivered_after_s": timing.delivered_by - timing.first_delivery,
+        "cpu_us_per_msg": {
+            "peer": (end.peer - first.peer) / total * 1e6,
+            "rabbitmq": (end.rabbitmq - first.rabbitmq) / total * 1e6,
+            "redis": (end.redis - first.redis) / total * 1e6,
+        },
+        "peak_rss_mb": handle.peak_rss / 2**20,
+        "fill_rate": fill_rate,
+        "problems": problems,
+    }
+
+
+async def drain_peer(peer: Peer, total: int, log_dir: Path) -> dict[str, Any]:
+    queue = brokers.unique("q")
+    target = brokers.unique("s" if peer.kind != "exchange" else "x")
+    outputs = Outputs()
+    if peer.kind == "stream":
+        outputs.streams.append(target)
+    elif peer.kind == "counter":
+        outputs.counters.append(target)
+    elif peer.kind == "exchange":
+        destination = brokers.unique("dest")
+        await brokers.declare_queue(destination, exchange=target)
+        outputs.queues.append(destination)
+    try:
+        return await drain(lambda: peer.start(queue, target, log_dir), queue, total, outputs)
+    finally:
+        await brokers.delete_queue(queue, *outputs.queues)
+        if peer.kind == "exchange":
+            await brokers.delete_exchange(target)
+        await brokers.delete_keys(*outputs.streams, *outputs.counters)
+
+
+async def compare(
+    peers: list[Peer], total: int, runs: int, log_dir: Path, say: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every peer once per round, the starting peer rotating; ``runs`` rounds."""
+    results: dict[str, list[dict[str, Any]]] = {peer.name: [] for peer in peers}
+    for round_ in range(runs):
+        order = peers[round_ % len(peers) :] + peers[: round_ % len(peers)]
+        for peer in order:
+            result = await drain_peer(peer, total, log_dir)
+            result["round"] = round_
+            results[peer.name].append(result)
+            say(
+                f"  round {round_ + 1}/{runs} {peer.name:<22} {result['rate']:>9,.0f} msg/s"
+                f"  cpu {result['cpu_us_per_msg']['peer']:>5.0f} us/msg"
+                + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
+            )
+    return results
+
+
+# --- workload 3: fan-out -----------------------------------------------------------------------
+
+
+async def fanout(total: int, runs: int, log_dir: Path, say: Callable[[str], None]) -> list[Any]:
+    results = []
+    for round_ in range(runs):
+        queue = brokers.unique("q")
+        streams = [brokers.unique("s"), brokers.unique("s")]
+        exchange, destination = brokers.unique("x"), brokers.unique("dest")
+        await brokers.declare_queue(destination, exchange=exchange)
+        outputs = Outputs(streams=streams, queues=[destination])
+        destinations = [stream_to(s) for s in streams] + [exchange_to(exchange)]
+
+        def start(queue: str = queue, destinations: list[str] = destinations) -> Handle:
+            name = f"message-proxy-fanout-{queue}"
+            return start_proxy("proxy", ["run"], queue, destinations, log_dir, name)[0]
+
+        try:
+            result = await drain(start, queue, total, outputs)
+        finally:
+            await brokers.delete_queue(queue, destination)
+            await brokers.delete_exchange(exchange)
+            await brokers.delete_keys(*streams)
+        result["entries_rate"] = result["rate"] * len(streams)
+        result["outputs_rate"] = result["rate"] * (len(streams) + 1)
+        results.append(result)
+        say(
+            f"  round {round_ + 1}/{runs} fan-out {result['rate']:>9,.0f} msg/s, "
+            f"{result['entries_rate']:,.0f} stream entries/s"
+            + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
+        )
+    return results
+
+
+# --- workload 4: latency -----------------------------------------------------------------------
+
+
+async def _paced_publish(queue: str, rate: float, seconds: float) -> int:
+    """Publish at a steady ``rate`` (a tick every ms), the send time in a header of each."""
+    template = publisher.Template(queue, with_time=True)
+    pub = await RawPublisher().connect()
+    sent = 0
+    started = time.perf_counter()
+    try:
+        while True:
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                break
+            due = int(elapsed * rate) + 1
+            if due > sent:
+                now_ns = time.time_ns()
+                await pub.publish([template.frames(i, now_ns) for i in range(sent, due)])
+                sent = due
+            await asyncio.sleep(0.001)
+        await pub.wait_confirmed(0)
+    finally:
+        await pub.close()
+    return sent
+
+
+async def _read_latencies(stream: str, expected: Callable[[], int | None]) -> list[float]:
+    """XREAD BLOCK from the start; the latency of each entry in ms, in order."""
+    client = brokers.redis_client()
+    latencies: list[float] = []
+    last: bytes | str = "0-0"
+    try:
+        while True:
+            target = expected()
+            if target is not None and len(latencies) >= target:
+                return latencies
+            reply: Any = await client.xread({stream: last}, block=200, count=1000)
+            now_ns = time.time_ns()
+            for _name, entries in reply or []:
+                for entry_id, fields in entries:
+                    headers = orjson.loads(fields[b"headers"])
+                    sent_ns = int(headers[brokers.SENT_HEADER])
+                    latencies.append((now_ns - sent_ns) / 1e6)
+                    last = entry_id
+    finally:
+        await client.aclose()
+
+
+async def latency(
+    rate: float, seconds: float, runs: int, log_dir: Path, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    results = []
+    warmup = min(1.0, seconds / 10)
+    for round_ in range(runs):
+        queue, stream = brokers.unique("q"), brokers.unique("s")
+        await brokers.declare_queue(queue)
+        proc, port = start_proxy(
+            "workers.stream_bridge", [], queue, [stream_to(stream)], log_dir, f"latency-{queue}"
+        )
+        try:
+            await asyncio.to_thread(wait_ready, proc, port)
+            published: list[int] = []
+
+            def expected(published: list[int] = published) -> int | None:
+                return published[0] if published else None
+
+            reader = asyncio.create_task(_read_latencies(stream, expected))
+            published.append(await _paced_publish(queue, rate, seconds))
+            latencies = await asyncio.wait_for(reader, 60)
+        finally:
+            proc.stop()
+            await brokers.delete_queue(queue)
+            await brokers.delete_keys(stream)
+        skip = int(warmup * rate)
+        steady = sorted(latencies[skip:])
+        result = {
+            "published": published[0],
+            "received": len(latencies),
+            "p50_ms": _percentile(steady, 50),
+            "p99_ms": _percentile(steady, 99),
+            "max_ms": steady[-1],
+            "warmup_s": warmup,
+            "max_ms_with_warmup": max(latencies),
+        }
+        results.append(result)
+        say(
+            f"  round {round_ + 1}/{runs} latency p50 {result['p50_ms']:.2f} ms, "
+            f"p99 {result['p99_ms']:.2f} ms, max {result['max_ms']:.2f} ms"
+        )
+    return results
+
+
+def _percentile(ordered: list[float], pct: float) -> float:
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# --- workload 5: memory with a big backlog ------------------------------------------------------
+
+
+async def memory(
+    total: int, runs: int, log_dir: Path, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    results = []
+    for round_ in range(runs):
+        queue, stream = brokers.unique("q"), brokers.unique("s")
+
+        def start(queue: str = queue, stream: str = stream) -> Handle:
+            name = f"mem-{queue}"
+            return start_proxy(
+                "workers.stream_bridge", [], queue, [stream_to(stream)], log_dir, name
+            )[0]
+
+        try:
+            result = await drain(start, queue, total, Outputs(streams=[stream]))
+        finally:
+            await brokers.delete_queue(queue)
+            await brokers.delete_keys(stream)
+        results.append(result)
+        say(
+            f"  round {round_ + 1}/{runs} backlog {total:,}: peak RSS "
+            f"{result['peak_rss_mb']:.1f} MB, "
+            f"{result['rate']:,.0f} msg/s, pre-fill {result['fill_rate']:,.0f} msg/s"
+            + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
+        )
+    return results
+
+
+# --- workload 6: start-up ----------------------------------------------------------------------
+
+
+async def startup(
+    runs: int, log_dir: Path, say: Callable[[str], None], modules: list[str]
+) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {}
+    for module in modules:
+        times = []
+        for _ in range(runs):
+            queue, target = brokers.unique("q"), brokers.unique("s")
+            await brokers.declare_queue(queue)
+            destination = (
+                exchange_to(target) if module == "workers.exchange_relay" else stream_to(target)
+            )
+            proc, port = start_proxy(module, [], queue, [destination], log_dir, f"start-{queue}")
+            try:
+                times.append(await asyncio.to_thread(wait_ready, proc, port))
+            finally:
+                proc.stop()
+                await brokers.delete_queue(queue)
+        results[module] = times
+        say(f"  {module}: ready after {statistics.median(times) * 1000:.0f} ms (median of {runs})")
+    return results
