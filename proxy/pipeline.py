@@ -242,7 +242,9 @@ class Pipeline:
     def _route(self, message: Message) -> Routed | Rejected:
         try:
             return self._router.route(message)
-        except Exception as exc:  # a bug must cost one message, not the worker
+        # A bug must cost one message, not the worker. SystemExit too: a plugin calling sys.exit()
+        # would otherwise end the process on this message, and again on every redelivery.
+        except (Exception, SystemExit) as exc:
             log.exception("routing raised unexpectedly")
             return Rejected("plugin-error", f"routing raised {type(exc).__name__}: {exc}")
 

@@ -74,6 +74,14 @@ def message_ids(count: int) -> list[str]:
     return [f"m-{i}" for i in range(count)]
 
 
+def message(message_id: str) -> aio_pika.Message:
+    return aio_pika.Message(
+        b'{"id": "%s", "pad": "..............................."}' % message_id.encode(),
+        message_id=message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
 def _redis_host_port() -> tuple[str, int]:
     host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
     return host, int(port)
@@ -165,15 +173,7 @@ stream = "{self.dead}"
             for start in range(0, len(ids), chunk):
                 await asyncio.gather(
                     *(
-                        exchange.publish(
-                            aio_pika.Message(
-                                b'{"id": "%s", "pad": "..............................."}'
-                                % i.encode(),
-                                message_id=i,
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            ),
-                            routing_key=self.queue,
-                        )
+                        exchange.publish(message(i), routing_key=self.queue)
                         for i in ids[start : start + chunk]
                     )
                 )
