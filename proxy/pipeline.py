@@ -343,7 +343,9 @@ class Pipeline:
                 acked = [d for i, d in deliveries if i not in rejects]
                 if acked:
                     await channel.basic_ack(max(d.tag for d in acked), multiple=True)
-            except (aiormq.exceptions.AMQPError, OSError, ConnectionError) as exc:
+            # A channel closed while the batch was held: aiormq reports it as
+            # ChannelInvalidStateError (a RuntimeError), or even a bare Exception.
+            except Exception as exc:
                 log.warning(
                     "amqp: could not settle %d deliveries (%s); RabbitMQ redelivers them",
                     len(deliveries),
