@@ -47,3 +47,25 @@ async def test_broker_fault_mid_flow(rig: Rig, fault: str) -> None:
     )
     result = rig.record(f"{fault} 3s", ids, counts, recover_s, unready)
     await rig.check(result)
+
+
+HUNG_S = 8.0
+
+
+@pytest.mark.parametrize("dedupe", [True, False], ids=["dedupe", "no-dedupe"])
+async def test_rabbitmq_hung_past_the_heartbeat_is_noticed(tmp_path: Path, dedupe: bool) -> None:
+    """A short blackhole just stalls the flow; a hang past the heartbeat's grace (3 x (1 + 1) s
+    here) must be noticed (readiness 503), the connection dropped and a new one made on heal."""
+    rig = Rig(tmp_path, dedupe=dedupe, heartbeat=1)
+    try:
+        await rig.declare()
+        await rig.start_worker()
+        ids = message_ids(MESSAGES)
+        counts, recover_s, unready = await rig.fault_mid_flow(
+            ids, rig.amqp.blackhole, rig.amqp.heal, spread_s=4.0, fault_s=HUNG_S
+        )
+        result = rig.record(f"rabbitmq hung {HUNG_S:.0f}s", ids, counts, recover_s, unready)
+        assert unready, rig.logs()
+        await rig.check(result)
+    finally:
+        await rig.close()
