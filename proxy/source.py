@@ -13,10 +13,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
+import pamqp.decode
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from proxy.backoff import Backoff
@@ -28,6 +30,29 @@ from proxy.state import HealthState
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
+
+_pamqp_timestamp = pamqp.decode.timestamp
+
+
+def lenient_timestamp(value: bytes) -> tuple[int, datetime]:
+    """pamqp's timestamp decoder, also reading Unix times in microseconds and nanoseconds.
+
+    pamqp reads seconds, or milliseconds above 2**32; anything larger (a publisher that sends µs
+    or ns) raises inside aiormq's frame reader. The connection drops before we ever see the
+    message, RabbitMQ puts it back at the head of the queue, and the queue is wedged for good.
+    """
+    try:
+        return _pamqp_timestamp(value)
+    except (ValueError, OverflowError, OSError):
+        if len(value) < 8:
+            raise
+        raw = int.from_bytes(value[:8], "big")
+        return 8, datetime.fromtimestamp(raw / (1e6 if raw < 10**17 else 1e9), tz=UTC)
+
+
+# Process-wide on purpose: the exchange sink's connection decodes returned messages too.
+pamqp.decode.METHODS["timestamp"] = lenient_timestamp
+pamqp.decode.TABLE_MAPPING[b"T"] = lenient_timestamp
 
 
 @dataclass(slots=True, eq=False)

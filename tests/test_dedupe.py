@@ -10,8 +10,6 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
-from pamqp import body as amqp_body
-from pamqp import commands, exceptions, frame, header
 from prometheus_client import CollectorRegistry
 
 from proxy.config import BatchSettings, StreamDestination, parse_config
@@ -22,6 +20,7 @@ from proxy.routing import Router, StreamTarget
 from proxy.sinks import Accepted, Outcome, Publish
 from proxy.source import Delivery
 from proxy.state import HealthState
+from tests.faults.raw_amqp import publish_raw
 from tests.helpers import (
     AMQP_URL,
     WorkerProcess,
@@ -154,53 +153,6 @@ def messages(ids: Sequence[str]) -> list[aio_pika.Message]:
     return [aio_pika.Message(f"body-{i}".encode(), message_id=i) for i in ids]
 
 
-async def publish_without_message_id(queue: str, bodies: Sequence[bytes]) -> None:
-    """Publish with no ``message_id`` at all: aiormq would fill in a random one."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", 5672)
-    buffer = b""
-
-    async def receive(kind: type[Any]) -> Any:
-        nonlocal buffer
-        while True:
-            try:
-                used, _channel, value = frame.unmarshal(buffer)
-            except exceptions.UnmarshalingException:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    raise ConnectionError("RabbitMQ closed the connection") from None
-                buffer += chunk
-                continue
-            buffer = buffer[used:]
-            if isinstance(value, kind):
-                return value
-
-    def send(value: Any, channel: int = 0) -> None:
-        writer.write(frame.marshal(value, channel))
-
-    send(header.ProtocolHeader())
-    await receive(commands.Connection.Start)
-    send(commands.Connection.StartOk(response="\0guest\0guest"))
-    tune = await receive(commands.Connection.Tune)
-    send(commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
-    send(commands.Connection.Open("/"))
-    await receive(commands.Connection.OpenOk)
-    send(commands.Channel.Open(), 1)
-    await receive(commands.Channel.OpenOk)
-    send(commands.Confirm.Select(), 1)
-    await receive(commands.Confirm.SelectOk)
-    for data in bodies:
-        send(commands.Basic.Publish(exchange="", routing_key=queue), 1)
-        send(header.ContentHeader(0, len(data), commands.Basic.Properties(delivery_mode=2)), 1)
-        send(amqp_body.ContentBody(data), 1)
-    acked = 0
-    while acked < len(bodies):
-        acked = (await receive(commands.Basic.Ack)).delivery_tag
-    send(commands.Connection.Close(200, "done", 0, 0))
-    await receive(commands.Connection.CloseOk)
-    writer.close()
-    await writer.wait_closed()
-
-
 async def _count_is(stream: str, count: int) -> bool:
     return len(await stream_message_ids(stream)) >= count
 
@@ -221,7 +173,7 @@ async def test_a_message_sent_twice_lands_once(tmp_path: Path, names: tuple[str,
     with WorkerProcess(dedupe_config(queue, stream), tmp_path) as worker:
         await publish(messages(ids), routing_key=queue)
         await publish(messages(ids), routing_key=queue)  # again: suppressed
-        await publish_without_message_id(queue, [b"no-id"] * 2)  # at-least-once, both written
+        await publish_raw(queue, [b"no-id"] * 2)  # at-least-once, both written
         await async_wait_for(lambda: _count_is(stream, 202), what="202 entries")
         await async_wait_for(
             lambda: metric(worker.metrics(), "duplicates_suppressed_total") == 200,

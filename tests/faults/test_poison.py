@@ -1,5 +1,6 @@
 """Poison messages at the head of the queue, already redelivered once, among 10,000 good ones:
-each costs itself (dead-lettered), never the worker or the messages behind it."""
+each costs itself (dead-lettered), never the worker or the messages behind it. Behind them, a
+message whose timestamp is in nanoseconds, which once wedged the queue before the worker saw it."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import aio_pika
 import pytest
 
 from tests.faults.plugins import POISON_HEADER
+from tests.faults.raw_amqp import RawTimestamp, publish_raw
 from tests.faults.rig import Rig, message, message_ids
 from tests.helpers import AMQP_URL, publish, stream_entries
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 GOOD = 10_000
+# A Unix time in nanoseconds: pamqp alone cannot decode it, and the connection drops on it.
+NANOSECONDS = 1_764_000_000_123_456_789
 
 
 def _nested(depth: int) -> dict[str, Any]:
@@ -67,6 +71,9 @@ async def test_poison_at_the_head_redelivered_among_10000_good(rig: Rig) -> None
         routing_key=rig.queue,
     )
     await _redeliver_head(rig.queue, len(POISONS))
+    await publish_raw(
+        rig.queue, [b"{}"], message_id="ns-timestamp", timestamp=RawTimestamp.of(NANOSECONDS)
+    )
     ids = message_ids(GOOD)
     await publish(map(message, ids), routing_key=rig.queue, confirm_every=2000)
     started = time.monotonic()
@@ -79,4 +86,6 @@ async def test_poison_at_the_head_redelivered_among_10000_good(rig: Rig) -> None
     for name, (_headers, reason) in POISONS.items():
         assert dead[name][b"error"] == reason.encode(), dead[name]
     assert not set(POISONS) & set(counts)
+    (late,) = [e for e in await stream_entries(rig.stream) if e[b"message_id"] == b"ns-timestamp"]
+    assert late[b"timestamp"] == str(NANOSECONDS // 10**9).encode()
     await rig.check(result)
