@@ -60,7 +60,7 @@ class Message:
         value = self.headers.get(HOPS_HEADER, 0)
         try:
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a float('inf') header
             return 0
 
 
