@@ -1,7 +1,9 @@
-"""One fault scenario's rig: a queue, streams, TCP proxies in front of both brokers, workers.
+"""One fault scenario's rig: a queue, a destination, TCP proxies in front of the brokers, workers.
 
 Every worker reaches RabbitMQ and Redis through a ``TcpProxy``, so a test can cut, blackhole or slow
-either broker without touching the shared servers. Publishing and reading back go direct.
+either broker without touching the shared servers. Publishing and reading back go direct. The
+destination is a Redis stream, or an exchange (through a proxy of its own, ``amqp_out``) bound to a
+queue the rig drains.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Rig:
         prefetch: int = 300,
         plugin: str | None = None,
         heartbeat: int | None = None,
+        exchange: bool = False,
     ) -> None:
         self.tmp_path = tmp_path
         self.dedupe = dedupe
@@ -114,16 +117,31 @@ class Rig:
         self.amqp = TcpProxy(*_amqp_host_port()).start()
         self.redis = TcpProxy(*_redis_host_port()).start()
         self.workers: list[WorkerProcess] = []
+        self.exchange = exchange
+        self.out_exchange, self.out_queue = unique("fx"), unique("fo")
+        self.amqp_out = TcpProxy(*_amqp_host_port()).start()
+        self._received: Counter[str] = Counter()  # drained from out_queue so far
 
     def config(self) -> str:
         query = f"?heartbeat={self.heartbeat}" if self.heartbeat else ""
         match = f'match.plugin = "{self.plugin}"' if self.plugin else ""
+        dedupe = "true" if self.dedupe else "false"
+        destination = f'{{ stream = "{self.stream}", dedupe = {dedupe} }}'
+        amqp_out = ""
+        if self.exchange:
+            destination = f'{{ exchange = "{self.out_exchange}", routing_key = "out" }}'
+            amqp_out = f"""
+[amqp_out]
+url = "{amqp_url_via(self.amqp_out.port)}"
+connect_timeout = 2
+publish_timeout = 1
+"""
         return f"""
 [amqp]
 url = "{amqp_url_via(self.amqp.port)}{query}"
 prefetch = {self.prefetch}
 connect_timeout = 2
-
+{amqp_out}
 [redis]
 url = "{redis_url_via(self.redis.port)}"
 timeout = 1
@@ -141,7 +159,7 @@ queue = "{self.queue}"
 [[routes]]
 name = "all"
 {match}
-to = [ {{ stream = "{self.stream}", dedupe = {"true" if self.dedupe else "false"} }} ]
+to = [ {destination} ]
 
 [dead_letter]
 stream = "{self.dead}"
@@ -162,6 +180,8 @@ stream = "{self.dead}"
 
     async def declare(self) -> None:
         await declare_topology(self.queue)
+        if self.exchange:
+            await declare_topology(self.out_queue, self.out_exchange)
 
     async def publish_paced(self, ids: Sequence[str], seconds: float, chunk: int = 50) -> None:
         """Publish with confirms, spread evenly over ``seconds``: the flow a fault lands in."""
@@ -180,7 +200,10 @@ stream = "{self.dead}"
                 due = started + (start + chunk) / len(ids) * seconds
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    async def stream_length(self) -> int:
+    async def delivered(self) -> int:
+        """How many entries (or messages) the destination holds, duplicates included."""
+        if self.exchange:
+            return (await self.counts()).total()
         client = redis_client()
         try:
             return int(await client.xlen(self.stream))
@@ -188,7 +211,18 @@ stream = "{self.dead}"
             await client.aclose()
 
     async def counts(self, stream: str | None = None) -> Counter[str]:
+        if self.exchange and stream is None:
+            await self._drain_out_queue()
+            return Counter(self._received)
         return Counter(await stream_message_ids(stream or self.stream))
+
+    async def _drain_out_queue(self) -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(self.out_queue)
+            while (got := await queue.get(no_ack=True, fail=False)) is not None:
+                self._received[got.message_id or ""] += 1
 
     async def wait_for_all(self, ids: Sequence[str], within: float = 60.0) -> Counter[str]:
         """Wait until every id is in the stream; returns what is there (possibly incomplete)."""
@@ -215,7 +249,7 @@ stream = "{self.dead}"
         """Seconds until every live worker is ready and the stream grows past ``length_before``."""
         started = time.monotonic()
         while time.monotonic() - started < within:
-            grown = await self.stream_length() > length_before
+            grown = await self.delivered() > length_before
             if grown and await asyncio.to_thread(self.all_ready):
                 return time.monotonic() - started
             await asyncio.sleep(0.05)
@@ -236,7 +270,7 @@ stream = "{self.dead}"
         await asyncio.sleep(at_s)
         inject()
         unready = await self.watch_unready(fault_s)
-        length_at_heal = await self.stream_length()
+        length_at_heal = await self.delivered()
         heal()
         recover_s = await self.wait_recovered(length_at_heal)
         await publisher
@@ -281,7 +315,12 @@ stream = "{self.dead}"
                 worker.kill()
         self.amqp.stop()
         self.redis.stop()
-        await delete_queues(self.queue)
+        self.amqp_out.stop()
+        await delete_queues(self.queue, self.out_queue)
+        if self.exchange:
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                await (await connection.channel()).exchange_delete(self.out_exchange)
         client = redis_client()
         try:
             keys = [self.stream, self.dead]

@@ -69,3 +69,20 @@ async def test_rabbitmq_hung_past_the_heartbeat_is_noticed(tmp_path: Path, dedup
         await rig.check(result)
     finally:
         await rig.close()
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackholed"])
+async def test_exchange_destination_fault_mid_flow(tmp_path: Path, fault: str) -> None:
+    """The exchange sink: a lost connection or a confirm that never comes is transient."""
+    rig = Rig(tmp_path, dedupe=False, exchange=True)
+    inject = rig.amqp_out.cut if fault == "cut" else rig.amqp_out.blackhole
+    try:
+        await rig.declare()
+        await rig.start_worker()
+        ids = message_ids(MESSAGES)
+        counts, recover_s, unready = await rig.fault_mid_flow(ids, inject, rig.amqp_out.heal)
+        result = rig.record(f"exchange dest {fault} 3s", ids, counts, recover_s, unready)
+        assert unready, rig.logs()
+        await rig.check(result)
+    finally:
+        await rig.close()

@@ -46,7 +46,7 @@ async def test_kill_9_at_random_points_ten_times_in_a_row(rig: Rig) -> None:
         restarts.append(time.monotonic() - started)
         await asyncio.sleep(rng.uniform(0.1, 0.8))
         worker.kill()
-    interrupted = await rig.stream_length()
+    interrupted = await rig.delivered()
     rig.redis.heal()
     await rig.start_worker("final")
     counts = await rig.wait_for_all(ids)
@@ -62,7 +62,7 @@ async def test_three_replicas_one_killed_mid_flow(rig: Rig) -> None:
     rig.redis.latency(0.005)
     publisher = asyncio.create_task(rig.publish_paced(ids, 3.0))
     await asyncio.sleep(1.0)
-    length_at_kill = await rig.stream_length()
+    length_at_kill = await rig.delivered()
     workers[1].kill()
     recover_s = await rig.wait_recovered(length_at_kill)
     await publisher
