@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
@@ -62,6 +62,23 @@ class Message:
             return int(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: a float('inf') header
             return 0
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> Message:
+        """``Message(**values)`` for a dict naming every field, without the frozen ``__init__``.
+
+        The per-delivery path: a frozen dataclass sets each of its 19 fields through
+        ``object.__setattr__``, about four times the cost of filling ``__dict__`` at once.
+        """
+        if len(values) != _FIELD_COUNT:
+            raise TypeError(f"Message.of needs all {_FIELD_COUNT} fields, got {sorted(values)}")
+        message = _new(cls)
+        message.__dict__.update(values)
+        return message
+
+
+_new = object.__new__
+_FIELD_COUNT = len(fields(Message))
 
 
 def header_text(value: Any) -> str | None:

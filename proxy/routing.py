@@ -154,6 +154,7 @@ def _run_plugin(predicate: Callable[[Message], object], message: Message) -> boo
 class _Destination:
     template: Template
     build: Callable[[Message], Target]
+    routing_only: bool  # the target depends on queue, exchange and routing key alone
 
 
 def _compile_destination(
@@ -171,7 +172,7 @@ def _compile_destination(
                 raise TemplateError(f"stream name {stream.source!r} expanded to ''")
             return StreamTarget(route, stream.source, name, maxlen, dedupe)
 
-        return _Destination(stream, build_stream)
+        return _Destination(stream, build_stream, stream.routing_only)
 
     exchange = Template.parse(destination.exchange)
     routing_key = Template.parse(destination.routing_key)
@@ -181,7 +182,9 @@ def _compile_destination(
             route, exchange.source, exchange.expand(message), routing_key.expand(message)
         )
 
-    return _Destination(exchange, build_exchange)
+    return _Destination(
+        exchange, build_exchange, exchange.routing_only and routing_key.routing_only
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +194,23 @@ class CompiledRoute:
     costly: tuple[Check, ...]
     destinations: tuple[_Destination, ...]
     continue_: bool
+    # The decision depends on queue, exchange, routing key and content type alone.
+    routing_only: bool = False
 
     @staticmethod
     def compile(route: Route) -> CompiledRoute:
         cheap, costly = _compile_match(route.match)
         destinations = tuple(_compile_destination(route.name, d) for d in route.to)
-        return CompiledRoute(route.name, tuple(cheap), tuple(costly), destinations, route.continue_)
+        match = route.match
+        routing_only = (
+            not match.headers
+            and not match.json_fields
+            and match.plugin is None
+            and all(destination.routing_only for destination in destinations)
+        )
+        return CompiledRoute(
+            route.name, tuple(cheap), tuple(costly), destinations, route.continue_, routing_only
+        )
 
     def matches(self, message: Message) -> bool:
         return all(check(message) for check in self.cheap) and all(
@@ -204,13 +218,24 @@ class CompiledRoute:
         )
 
 
+ROUTE_CACHE_SIZE = 4096
+
+RouteKey = tuple[str, str, str, str | None]
+
+
 class Router:
+    """Routes in file order. When no route looks at headers, the body or user code, a decision
+    depends on (queue, exchange, routing key, content type) alone and is cached by them: the
+    per-message work is then the size and hop checks and one dict look-up."""
+
     def __init__(
         self, routes: Sequence[Route], *, max_message_bytes: int, max_hops: int = MAX_HOPS
     ) -> None:
         self.routes = tuple(CompiledRoute.compile(route) for route in routes)
         self.max_message_bytes = max_message_bytes
         self.max_hops = max_hops
+        self.cacheable = all(route.routing_only for route in self.routes)
+        self._cache: dict[RouteKey, Decision] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Router:
@@ -224,6 +249,17 @@ class Router:
             )
         if message.hops >= self.max_hops:
             return Rejected("loop", f"message was relayed {message.hops} times")
+        if not self.cacheable:
+            return self._decide(message)
+        key = (message.queue, message.exchange, message.routing_key, message.content_type)
+        decision = self._cache.get(key)
+        if decision is None:
+            if len(self._cache) >= ROUTE_CACHE_SIZE:
+                self._cache.clear()  # routing keys with ids in them: keep memory bounded
+            decision = self._cache[key] = self._decide(message)
+        return decision
+
+    def _decide(self, message: Message) -> Decision:
         targets: list[Target] = []
         for route in self.routes:
             try:

@@ -71,25 +71,27 @@ class Delivery:
 def to_message(delivered: DeliveredMessage, queue: str) -> Message:
     props = delivered.header.properties
     deliver = delivered.delivery
-    return Message(
-        body=delivered.body,
-        routing_key=deliver.routing_key or "",  # type: ignore[union-attr]
-        exchange=deliver.exchange or "",  # type: ignore[union-attr]
-        queue=queue,
-        headers=props.headers or EMPTY_HEADERS,
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        delivery_mode=props.delivery_mode,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=props.expiration,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        type=props.message_type,
-        user_id=props.user_id,
-        app_id=props.app_id,
-        redelivered=bool(getattr(deliver, "redelivered", False)),
+    return Message.of(
+        {
+            "body": delivered.body,
+            "routing_key": deliver.routing_key or "",  # type: ignore[union-attr]
+            "exchange": deliver.exchange or "",  # type: ignore[union-attr]
+            "queue": queue,
+            "headers": props.headers or EMPTY_HEADERS,
+            "content_type": props.content_type,
+            "content_encoding": props.content_encoding,
+            "delivery_mode": props.delivery_mode,
+            "priority": props.priority,
+            "correlation_id": props.correlation_id,
+            "reply_to": props.reply_to,
+            "expiration": props.expiration,
+            "message_id": props.message_id,
+            "timestamp": props.timestamp,
+            "type": props.message_type,
+            "user_id": props.user_id,
+            "app_id": props.app_id,
+            "redelivered": bool(getattr(deliver, "redelivered", False)),
+        }
     )
 
 

@@ -81,15 +81,21 @@ def _getter(placeholder: str) -> Getter:
     raise ValueError(f"unknown placeholder {{{placeholder}}}; known: {PLACEHOLDERS}")
 
 
+# Placeholders whose value depends only on where the message came from, not on its content.
+ROUTING_PLACEHOLDERS = frozenset({"routing_key", "exchange", "queue"})
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     source: str
     parts: tuple[str | Getter, ...]
+    placeholders: tuple[str, ...] = ()
 
     @staticmethod
     @lru_cache(maxsize=1024)
     def parse(source: str) -> Template:
         parts: list[str | Getter] = []
+        placeholders: list[str] = []
         literal = ""
         position = 0
         for found in _PLACEHOLDER.finditer(source):
@@ -105,14 +111,20 @@ class Template:
                     parts.append(literal)
                     literal = ""
                 parts.append(_getter(found[1].strip()))
+                placeholders.append(found[1].strip())
         literal += source[position:]
         if literal:
             parts.append(literal)
-        return Template(source, tuple(parts))
+        return Template(source, tuple(parts), tuple(placeholders))
 
     @property
     def is_constant(self) -> bool:
         return all(isinstance(part, str) for part in self.parts)
+
+    @property
+    def routing_only(self) -> bool:
+        """True when the expansion depends on queue, exchange and routing key alone."""
+        return all(p.partition(".")[0] in ROUTING_PLACEHOLDERS for p in self.placeholders)
 
     def expand(self, message: Message) -> str:
         return "".join(part if isinstance(part, str) else part(message) for part in self.parts)
