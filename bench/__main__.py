@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, workloads
+from bench import hotpath, report, workloads
 from bench.procs import REPO
 
-WORKLOADS = ("stream", "exchange", "fanout", "latency", "memory", "startup")
+WORKLOADS = ("hotpath", "stream", "exchange", "fanout", "latency", "memory", "startup")
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +28,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2000.0, help="latency workload msg/s")
     parser.add_argument(
         "--only", default=",".join(WORKLOADS), help=f"comma-separated: {','.join(WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        help="re-write the report from a results.json of an earlier run, running nothing",
     )
     parser.add_argument(
         "--out",
@@ -66,6 +72,10 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     }
     started = time.perf_counter()
     steps = {
+        "hotpath": (
+            "0. hot path, stage by stage, in process",
+            lambda: asyncio.to_thread(hotpath.measure),
+        ),
         "stream": (
             "1. drain AMQP -> one Redis stream",
             lambda: workloads.compare(
@@ -112,6 +122,15 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
+    if args.from_results:
+        results = json.loads(args.from_results.read_text())
+        out = args.out or (
+            args.from_results.parent if results["settings"]["quick"] else REPO / "docs"
+        )
+        report.write(results, out / "BENCHMARKS.md", out / "benchmarks.png")
+        print(report.table(results))
+        print(f"\nwrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks.png'}")
+        return 0
     log_dir = Path(tempfile.mkdtemp(prefix="message-proxy-bench-"))
     print(f"logs, configs and raw results: {log_dir}", flush=True)
     results = asyncio.run(_run(args, log_dir))

@@ -106,12 +106,14 @@ async def observe_drain(
     limit_s: float = 600.0,
     alive: Callable[[], bool] = lambda: True,
     on_first: Callable[[], None] = lambda: None,
+    require_empty: bool = True,
 ) -> DrainTiming:
     """Time a drain from the broker's side, the same way for every peer.
 
     Start: the first poll that sees fewer than ``total`` ready messages (the consumer took its
     first prefetch window). End: the first poll at which no message is ready and
     ``output_complete()`` (a coroutine function: stream length or destination queue depth) holds.
+    With ``require_empty=False`` the end is when the output is complete, whatever is left.
     """
     connection = await connect()
     try:
@@ -129,7 +131,7 @@ async def observe_drain(
             if not first and ready < total:
                 first = now
                 on_first()
-            if first and ready == 0:
+            if first and (ready == 0 or not require_empty):
                 delivered = delivered or now
                 complete = True if output_complete is None else await output_complete()  # type: ignore[misc]
                 if complete:

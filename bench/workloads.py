@@ -454,28 +454,63 @@ def _percentile(ordered: list[float], pct: float) -> float:
 async def memory(
     total: int, runs: int, log_dir: Path, say: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    results = []
-    for round_ in range(runs):
-        queue, stream = brokers.unique("q"), brokers.unique("s")
+    """One backlog of ``total``, drained in ``runs`` legs by as many worker processes.
 
-        def start(queue: str = queue, stream: str = stream) -> Handle:
-            name = f"mem-{queue}"
-            return start_proxy(
+    Pre-filling is the slow part (RabbitMQ takes ~60 us of CPU per persistent message), so the
+    backlog is filled once: worker 1 starts against all of it and is stopped (SIGTERM, a graceful
+    drain) once it has written 1/runs of it, worker 2 starts against the rest, and so on. Every
+    worker starts against a backlog of at least total/runs, the first against all of it.
+    """
+    queue, stream = brokers.unique("q"), brokers.unique("s")
+    await brokers.declare_queue(queue)
+    filled_at = time.perf_counter()
+    await publisher.fill(queue, total, lanes=1)
+    fill_rate = total / (time.perf_counter() - filled_at)
+    results: list[dict[str, Any]] = []
+    client = brokers.redis_client()
+    try:
+        for leg in range(runs):
+            backlog = await brokers.queue_depth(queue)
+            written = int(await client.xlen(stream))
+            target = total if leg == runs - 1 else (leg + 1) * total // runs
+
+            async def complete(target: int = target) -> bool:
+                return int(await client.xlen(stream)) >= target
+
+            name = f"mem-{queue}-{leg}"
+            proc, _port = start_proxy(
                 "workers.stream_bridge", [], queue, [stream_to(stream)], log_dir, name
-            )[0]
-
-        try:
-            result = await drain(start, queue, total, Outputs(streams=[stream]))
-        finally:
-            await brokers.delete_queue(queue)
-            await brokers.delete_keys(stream)
-        results.append(result)
-        say(
-            f"  round {round_ + 1}/{runs} backlog {total:,}: peak RSS "
-            f"{result['peak_rss_mb']:.1f} MB, "
-            f"{result['rate']:,.0f} msg/s, pre-fill {result['fill_rate']:,.0f} msg/s"
-            + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
-        )
+            )
+            try:
+                timing = await brokers.observe_drain(
+                    queue, backlog, complete, alive=proc.alive, require_empty=leg == runs - 1
+                )
+            finally:
+                code = proc.stop()
+            moved = int(await client.xlen(stream)) - written
+            result: dict[str, Any] = {
+                "backlog_at_start": backlog,
+                "messages": moved,
+                "rate": moved / timing.seconds,
+                "peak_rss_mb": proc.peak_rss / 2**20,
+                "fill_rate": fill_rate,
+                "problems": [] if code in (0, -15) else [f"exit code {code}"],
+            }
+            results.append(result)
+            say(
+                f"  run {leg + 1}/{runs} against a backlog of {backlog:,}: peak RSS "
+                f"{result['peak_rss_mb']:.1f} MB, {result['rate']:,.0f} msg/s"
+                + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
+            )
+        left, entries = await brokers.queue_depth(queue), int(await client.xlen(stream))
+        if left or entries != total:
+            results[-1]["problems"].append(
+                f"after the last leg: {left} left in the queue, {entries} entries of {total}"
+            )
+    finally:
+        await client.aclose()
+        await brokers.delete_queue(queue)
+        await brokers.delete_keys(stream)
     return results
 
 
