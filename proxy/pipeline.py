@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from proxy.templates import Template
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_ROUTE = "dead-letter"
+BROKER_RECHECK_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ class Pipeline:
                     backoff.attempts,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._back_off(sink.broker, delay)
                 continue
             if self._health.set_broker(sink.broker, True):
                 self._metrics.broker_up.labels(broker=sink.broker).set(1)
@@ -281,6 +283,20 @@ class Pipeline:
                         destination=item.target.template, error=outcome.reason
                     ).inc()
             return outcomes
+
+    async def _back_off(self, broker: str, delay: float) -> None:
+        """Wait ``delay``, or less once the sink watcher has seen the broker answer again.
+
+        The delay grows to 30 s: without this, the worker would sit ready but idle for up to that
+        long after an outage ends. The watcher pings once a second, so retries stay that far apart
+        even when the broker answers pings and still refuses writes.
+        """
+        steps = max(1, math.ceil(delay / BROKER_RECHECK_S))
+        for _ in range(steps):
+            await asyncio.sleep(delay / steps)
+            state = self._health.snapshot().brokers.get(broker)
+            if state is not None and state.up:
+                return
 
     async def _dead_letter_all(
         self, live: Sequence[Delivery], failures: Mapping[int, _Failure]

@@ -1,0 +1,74 @@
+"""After an outage the held batch goes as soon as the broker answers again, not when the backoff,
+by then up to 30 s, runs out. Fast: an in-memory sink, no broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from proxy.config import BatchSettings, parse_config
+from proxy.errors import TransientError
+from proxy.message import Message
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.routing import Router, StreamTarget
+from proxy.sinks import Outcome, Publish
+from proxy.source import Delivery
+from proxy.state import HealthState
+from tests.test_dedupe import FakeChannel
+
+
+class OutageSink:
+    broker = "redis"
+
+    def __init__(self) -> None:
+        self.down = True
+        self.attempts: list[float] = []
+
+    async def connect(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
+        self.attempts.append(time.monotonic())
+        if self.down:
+            raise TransientError("redis: connection refused")
+        return [None] * len(items)
+
+
+async def test_a_held_batch_goes_once_the_watcher_sees_the_broker_up() -> None:
+    config = parse_config(
+        {"sources": [{"queue": "q"}], "routes": [{"name": "r", "to": [{"stream": "s"}]}]},
+        environ={},
+    )
+    health = HealthState()
+    sink = OutageSink()
+    pipeline = Pipeline(
+        Router.from_config(config),
+        {StreamTarget: sink},
+        batch=BatchSettings(max_messages=10, max_delay_ms=0),
+        health=health,
+        metrics=Metrics(CollectorRegistry(), role="test", version="0"),
+    )
+    channel: Any = FakeChannel()
+    pipeline.submit(Delivery(Message(b"x", queue="q"), 1, channel, 0))
+    runner = asyncio.create_task(pipeline.run())
+    try:
+        # Tries at 0 s, then retries at 0.1, 0.3, 0.7 and 1.5 s; the next would come at 3.1 s.
+        await asyncio.sleep(1.6)
+        assert len(sink.attempts) == 5
+        assert not health.snapshot().brokers["redis"].up
+        sink.down = False
+        healed = time.monotonic()
+        health.set_broker("redis", True)  # what the sink watcher does when a ping succeeds
+        await asyncio.wait_for(pipeline.drain(), 1.0)
+    finally:
+        runner.cancel()
+    assert channel.acked == [1]
+    assert sink.attempts[-1] - healed < 0.3
