@@ -42,12 +42,21 @@ class Result:
     messages: int
     lost: int
     duplicates: int
-    recover_s: float | None  # from the heal (or the kill) to ready and writing again
+    recover_s: float | None  # see LEGEND
     unready_seen: bool | None  # readiness turned 503 during the fault
+
+
+LEGEND = (
+    "recover s: from the heal (or the kill of one replica) until every live worker is ready and\n"
+    "writing again; kill -9: mean restart-to-ready; poison: worker start to the last message.\n"
+    "503 seen: /ready turned 503 during the fault. Dedupe does not apply to an exchange."
+)
 
 
 class Results(list[Result]):
     def table(self) -> str:
+        order = {name: n for n, name in enumerate(dict.fromkeys(r.scenario for r in self))}
+        ranked = sorted(self, key=lambda r: (order[r.scenario], not r.dedupe))
         head = ("scenario", "dedupe", "messages", "lost", "duplicates", "recover s", "503 seen")
         rows = [head] + [
             (
@@ -59,14 +68,15 @@ class Results(list[Result]):
                 "-" if r.recover_s is None else f"{r.recover_s:.1f}",
                 "-" if r.unready_seen is None else ("yes" if r.unready_seen else "no"),
             )
-            for r in self
+            for r in ranked
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join([*lines, "", LEGEND])
 
 
 RESULTS = Results()
