@@ -133,10 +133,7 @@ def _xadd_args(target: StreamTarget) -> list[Any]:
 
 
 def _flat(fields: Fields) -> list[bytes | str]:
-    flat: list[bytes | str] = []
-    for name, value in fields.items():
-        flat += (name, value)
-    return flat
+    return [part for pair in fields.items() for part in pair]
 
 
 def _too_large_entry(message: Message, info: DeadLetterInfo) -> Fields:
@@ -182,11 +179,6 @@ class _Call:
     args: list[Any]
     indexes: list[int]
     outcomes: Callable[[Any], list[Outcome]]
-
-
-def _plain_call(index: int, target: StreamTarget, fields: Fields) -> _Call:
-    args = [*_xadd_args(target), "*", *_flat(fields)]
-    return _Call(args, [index], lambda reply: [_reply_outcome(reply, target)])
 
 
 def _script_call(target: StreamTarget, entries: list[Entry], window_ms: int) -> _Call:
@@ -248,7 +240,7 @@ class RedisStreamSink:
     async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
         outcomes: list[Outcome] = [None] * len(items)
         encoded: dict[int, Fields | PermanentError] = {}  # one encoding per message or dead letter
-        calls: list[_Call] = []
+        plain: list[tuple[int, StreamTarget, list[Any]]] = []  # one XADD each: the hot path
         deduped: dict[StreamTarget, list[Entry]] = {}
         for index, item in enumerate(items):
             target = item.target
@@ -263,29 +255,32 @@ class RedisStreamSink:
             elif target.dedupe and item.dead_letter is None:
                 deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
             else:
-                calls.append(_plain_call(index, target, fields))
+                plain.append((index, target, [*_xadd_args(target), "*", *_flat(fields)]))
+        calls: list[_Call] = []
         native = None
         if deduped:
-            server = await self._detect()
-            native = server.native
-            for target, entries in deduped.items():
-                if native is None:
-                    calls.append(_script_call(target, entries, self._window_ms))
-            if native is not None:
-                calls = native.calls(deduped) + calls
-        replies = await self._execute(calls, transaction=native is not None)
-        for call, reply in zip(calls, replies, strict=True):
+            native = (await self._detect()).native
+            if native is None:
+                calls = [_script_call(t, e, self._window_ms) for t, e in deduped.items()]
+            else:
+                calls = native.calls(deduped)
+        commands = [args for _, _, args in plain] + [call.args for call in calls]
+        replies = await self._execute(commands, transaction=native is not None)
+        for (index, target, _), reply in zip(plain, replies, strict=False):
+            if isinstance(reply, Exception):
+                outcomes[index] = _reply_outcome(reply, target)
+        for call, reply in zip(calls, replies[len(plain) :], strict=True):
             for index, outcome in zip(call.indexes, call.outcomes(reply), strict=True):
                 outcomes[index] = outcome
         return outcomes
 
-    async def _execute(self, calls: list[_Call], *, transaction: bool) -> list[Any]:
-        scripted = [call for call in calls if call.args[0] == "EVALSHA"]
+    async def _execute(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
+        scripted = [command for command in commands if command[0] == "EVALSHA"]
         if scripted and not self._script_sha:
             self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
-        for call in scripted:
-            call.args[1] = self._script_sha
-        replies = await self._pipeline([call.args for call in calls], transaction=transaction)
+        for command in scripted:
+            command[1] = self._script_sha
+        replies = await self._pipeline(commands, transaction=transaction)
         missing = [
             position
             for position, reply in enumerate(replies)
@@ -294,8 +289,8 @@ class RedisStreamSink:
         if missing:  # those calls did not run at all: load the script and run just them again
             self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
             for position in missing:
-                calls[position].args[1] = self._script_sha
-            again = await self._pipeline([calls[p].args for p in missing], transaction=False)
+                commands[position][1] = self._script_sha
+            again = await self._pipeline([commands[p] for p in missing], transaction=False)
             for position, reply in zip(missing, again, strict=True):
                 replies[position] = reply
         return replies
