@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from proxy.errors import PermanentError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.routing import StreamTarget
 from proxy.sinks import Accepted, Outcome, Publish
+
+log = logging.getLogger(__name__)
 
 # Replies that mean "the server is busy or failing over", not "this entry is wrong".
 _TRANSIENT_REPLIES = (
@@ -308,6 +311,8 @@ class RedisStreamSink:
             version = str(info.get("redis_version", ""))
             native = _NativeDedupe(self._window_ms) if _has_idmp(version) else None
             self._server = _Server(version, native)
+            how = "idempotent XADD (IDMP)" if native else "a Lua script"
+            log.info("redis: server %s; dedupe by %s", version or "of unknown version", how)
         return self._server
 
     async def _guarded(self, awaitable: Any) -> Any:
