@@ -296,6 +296,30 @@ async def test_returns_are_matched_to_their_own_publish(
 
 
 @pytest.mark.broker
+async def test_a_return_is_told_apart_by_headers_when_all_else_is_equal(
+    sink: AmqpExchangeSink, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    """On a headers exchange, same body, id and key: only the headers say which was returned."""
+    exchange = await amqp.declare_exchange(unique("x-headers"), "headers", auto_delete=True)
+    queue = await amqp.declare_queue(unique("q"), exclusive=True)
+    await queue.bind(exchange, arguments={"x-match": "all", "route": "yes"})
+    same: dict[str, Any] = {"body": b"same", "message_id": "same", "delivery_mode": 2}
+    items = [
+        item(exchange.name, "k", headers={"route": "yes"}, **same),
+        item(exchange.name, "k", headers={"route": "no"}, **same),
+        item(exchange.name, "k", headers={"route": "yes", "n": 2}, **same),
+    ]
+    outcomes = await sink.publish_batch(items)
+    assert [o.reason if isinstance(o, PermanentError) else None for o in outcomes] == [
+        None,
+        "unroutable",
+        None,
+    ]
+    got = await take(amqp, queue.name, 3, within=1.0)
+    assert [dict(m.headers).get("n") for m in got] == [None, 2]
+
+
+@pytest.mark.broker
 async def test_a_nack_is_retried_then_rejected(
     sink: AmqpExchangeSink, amqp: aio_pika.abc.AbstractChannel, topology: dict[str, str]
 ) -> None:

@@ -13,14 +13,16 @@ Why publish frames are written here rather than with aiormq's ``basic_publish``:
   flight with the same ``message_id`` are confused (one lost, the other dead-lettered).
 - pamqp writes every float header as a 32-bit float and cannot write a non-UTF-8 long string.
 
-So the sink marshals the frames itself, takes delivery tags and registers the confirmation futures
-in the aiormq channel's own table (its reader resolves acks and nacks, and rejects the futures when
-the channel or connection closes), and replaces the channel's ``basic.return`` handler. Returns are
-matched by order: RabbitMQ sends a ``basic.return`` before the ``basic.ack`` of the same publish,
-and returns in publish order, so a return belongs to the earliest publish in flight, after the
-last matched one, with the same exchange, routing key, ``message_id`` and body. Two publishes that
-equal in all of these are indistinguishable downstream, so picking the earlier one is exact.
-Tested against the aiormq version in ``uv.lock``; ``_ConfirmChannel`` is the only code that knows.
+So the sink marshals the frames itself, takes delivery tags, puts a confirmation record per publish
+in the aiormq channel's own table (its reader settles them on ack and nack; ``channel.closing``
+tells when the channel or connection went away), and replaces the channel's ``basic.return``
+handler. Returns are matched by order: RabbitMQ sends a ``basic.return`` before the ``basic.ack``
+of the same publish, and returns in publish order, so a return belongs to the earliest publish in
+flight, after the last matched one, with the same exchange, routing key, ``message_id`` and body,
+preferring one whose properties also match. Publishes equal in all of these are indistinguishable
+downstream, so picking the earlier is exact; a return that matches nothing (never seen) sends the
+round's accepted publishes again one at a time, where a return is unambiguous. Tested against the
+aiormq version in ``uv.lock``; ``_ConfirmChannel`` and ``_Confirm`` are the only code that knows.
 
 Outcomes: a return is ``unroutable``; a nack is retried ``NACK_ATTEMPTS`` times, then
 ``rejected``; a channel closed by the broker over one publish (no such exchange, access refused,
@@ -293,6 +295,7 @@ class _Round:
         self.confirms: list[_Confirm] = []
         self.pending = 0
         self.done: asyncio.Future[None] = loop.create_future()
+        self.unmatched_return = False
 
     def settled(self) -> None:
         self.pending -= 1
@@ -408,8 +411,13 @@ class _ConfirmChannel:
             log.exception("amqp_out: could not match a returned message")
 
     def _match_return(self, frame: spec.Basic.Return, returned: DeliveredMessage) -> None:
-        message_id = returned.header.properties.message_id
+        properties, body = returned.header.properties, returned.body
+        try:
+            header: bytes | None = content_header(properties, len(body))
+        except (ValueError, TypeError):
+            header = None
         in_flight = self._in_flight
+        chosen: int | None = None
         for position in range(self._cursor, len(in_flight)):
             sent = in_flight[position]
             item = sent.item
@@ -418,21 +426,29 @@ class _ConfirmChannel:
                 and not sent.done()
                 and item.exchange == frame.exchange
                 and item.routing_key == frame.routing_key
-                and item.message_id == message_id
-                and item.body == returned.body
+                and item.message_id == properties.message_id
+                and item.body == body
             ):
-                sent.returned = f"{frame.reply_code} {frame.reply_text}"
-                self._cursor = position + 1
+                if item.header == header:
+                    chosen = position
+                    break
+                if chosen is None:  # same body, other properties: only if nothing fits better
+                    chosen = position
+        if chosen is None:
+            unsettled = [i for i, c in enumerate(in_flight) if not c.done() and c.returned is None]
+            if len(unsettled) != 1:
+                # Cannot tell which: the round publishes its accepted items again, one at a time.
+                if in_flight:
+                    in_flight[0].round.unmatched_return = True
+                log.warning(
+                    "amqp_out: a returned message (exchange %r, routing key %r) matched no publish",
+                    frame.exchange,
+                    frame.routing_key,
+                )
                 return
-        log.warning(
-            "amqp_out: a returned message (exchange %r, routing key %r) matched no publish",
-            frame.exchange,
-            frame.routing_key,
-        )
-
-    async def close(self) -> None:
-        if not self.raw.is_closed:
-            await self._wrapper.close()
+            chosen = unsettled[0]
+        in_flight[chosen].returned = f"{frame.reply_code} {frame.reply_text}"
+        self._cursor = chosen + 1
 
 
 # --- connection state ------------------------------------------------------------------------
@@ -654,7 +670,11 @@ class AmqpExchangeSink:
                 closing.cancel()  # only this observer; a no-op once the channel has closed
         if round_.pending:
             return await self._after_close(round_, channel, link)
-        return [_outcome(confirm) for confirm in round_.confirms]
+        results = [_outcome(confirm) for confirm in round_.confirms]
+        if round_.unmatched_return and len(results) > 1:
+            unsure = _Refused("a basic.return could not be matched")
+            return [unsure if r is _ACCEPTED else r for r in results]
+        return results
 
     async def _after_close(
         self, round_: _Round, channel: _ConfirmChannel, link: _Link
