@@ -10,13 +10,18 @@ from typing import Any
 
 import aio_pika
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from proxy.config import BatchSettings, parse_config
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError, TransientError
 from proxy.message import Message
-from proxy.routing import StreamTarget
+from proxy.metrics import Metrics
+from proxy.pipeline import DeadLetterDestination, Pipeline
+from proxy.routing import Router, StreamTarget
 from proxy.sinks import Accepted, Publish
+from proxy.sinks.memory import MemorySink
 from proxy.sinks.redis_stream import (
     TOO_LARGE_BODY_KEPT,
     RedisStreamSink,
@@ -24,6 +29,8 @@ from proxy.sinks.redis_stream import (
     _NativeDedupe,
     dedupe_key,
 )
+from proxy.source import Delivery
+from proxy.state import HealthState
 from tests.helpers import (
     REDIS_URL,
     WorkerProcess,
@@ -38,6 +45,7 @@ from tests.helpers import (
     unique,
 )
 from tests.tcp_proxy import TcpProxy
+from tests.test_dedupe import FakeChannel
 
 WINDOW_S = 60.0
 
@@ -416,3 +424,37 @@ def test_native_path_sees_a_duplicate_of_an_entry_from_the_same_batch() -> None:
     replies: list[Any] = [[b"5", b"0"], b"OK", b"5000-0", b"5000-0", b"OK"]
     outcomes = [o for call, r in zip(calls, replies, strict=True) for o in call.outcomes(r)]
     assert outcomes == [None, Accepted.DUPLICATE]
+
+
+async def test_a_too_large_message_is_dead_lettered_without_copying_its_body() -> None:
+    config = parse_config(
+        {
+            "max_message_bytes": 1000,
+            "sources": [{"queue": "q"}],
+            "routes": [{"name": "all", "to": [{"stream": "s"}]}],
+            "dead_letter": {"stream": "dead"},
+        },
+        environ={},
+    )
+    sink = MemorySink()
+    pipeline = Pipeline(
+        Router.from_config(config),
+        {StreamTarget: sink},
+        batch=BatchSettings(max_messages=10, max_delay_ms=0),
+        health=HealthState(),
+        metrics=Metrics(CollectorRegistry(), role="test", version="0"),
+        dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
+    )
+    body = bytes(5000)
+    channel: Any = FakeChannel()
+    pipeline.submit(Delivery(Message(body, queue="q"), 1, channel, 0))
+    runner = asyncio.create_task(pipeline.run())
+    try:
+        await asyncio.wait_for(pipeline.drain(), 5)
+    finally:
+        runner.cancel()
+    (dead,) = sink.published
+    assert dead.dead_letter is not None
+    assert dead.dead_letter.reason == "too-large"
+    assert dead.message.body is body  # handed on as is, never copied
+    assert channel.acked == [1]
