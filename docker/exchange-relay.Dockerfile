@@ -30,7 +30,8 @@ RUN uv sync --locked --no-dev --no-editable --no-install-project --extra speed
 
 # Then the project itself, installed (not editable) and slimmed in one step. The modules named
 # after the venv are imported once slimmed: what the worker imports as it starts (the CLI imports
-# lazily), so that a broken venv fails here and their stdlib bytecode is cached.
+# lazily; encodings.idna on its first connection, the HEALTHCHECK's too), so that a broken venv
+# fails here and their stdlib bytecode is cached.
 COPY docker/slim-venv.sh /usr/local/bin/slim-venv
 COPY README.md ./
 COPY proxy ./proxy
@@ -38,7 +39,7 @@ COPY workers ./workers
 RUN uv sync --locked --no-dev --no-editable --extra speed \
     && sh /usr/local/bin/slim-venv --system-caches /app/.venv \
         workers.exchange_relay proxy.worker proxy.sidecar proxy.logs \
-        uvloop proxy.probe
+        proxy.sinks.amqp_exchange uvloop proxy.probe encodings.idna
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="message-proxy exchange-relay" \

@@ -601,6 +601,23 @@ def _report(replay: Replay, python: str) -> None:  # pragma: no cover
     time_runs(argv, cases, rounds=2)  # warm the page cache
     for label, (wall, cpu) in time_runs(argv, cases).items():
         print(f"{label:>58}: wall {wall * 1000:5.0f} ms, CPU {cpu * 1000:5.0f} ms (median of 15)")
+    if shutil.which("valgrind"):  # instructions do not depend on what else the machine runs
+        for label, env in cases.items():
+            print(f"{label:>58}: {instructions(argv, env) / 1e6:7.0f} M instructions")
+
+
+def instructions(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir(),
+    )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    assert found, done.stderr
+    return int(found.group(1))
 
 
 if __name__ == "__main__":  # pragma: no cover
