@@ -44,8 +44,6 @@ class TcpProxy:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
-        if not self._thread.is_alive():
-            self._loop.close()
 
     def __enter__(self) -> TcpProxy:
         return self.start()
