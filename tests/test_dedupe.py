@@ -12,14 +12,9 @@ import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.config import BatchSettings, StreamDestination, parse_config
 from proxy.message import Message
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
-from proxy.routing import Router, StreamTarget
 from proxy.sinks import Accepted, Outcome, Publish
-from proxy.source import Delivery
-from proxy.state import HealthState
+from tests.faults.fakes import flush, pipeline_for, submit
 from tests.faults.raw_amqp import publish_raw
 from tests.helpers import (
     AMQP_URL,
@@ -63,51 +58,16 @@ class NotingSink:
         return outcomes
 
 
-class FakeChannel:
-    is_closed = False
-
-    def __init__(self) -> None:
-        self.acked: list[int] = []
-        self.rejected: list[int] = []
-
-    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
-        self.acked.append(tag)
-
-    async def basic_reject(self, tag: int, requeue: bool = True, wait: bool = True) -> None:
-        self.rejected.append(tag)
-
-
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(f"message_proxy_{name}", labels or None) or 0.0
 
 
 async def test_pipeline_acks_duplicates_and_counts_them(registry: CollectorRegistry) -> None:
-    metrics = Metrics(registry, role="test", version="0")
-    config = parse_config(
-        {
-            "sources": [{"queue": "q"}],
-            "routes": [{"name": "r", "to": [{"stream": "s", "dedupe": True}]}],
-        },
-        environ={},
-    )
-    assert isinstance(config.routes[0].to[0], StreamDestination)
-    sink = NotingSink()
-    pipeline = Pipeline(
-        Router.from_config(config),
-        {StreamTarget: sink},
-        batch=BatchSettings(max_messages=100, max_delay_ms=0),
-        health=HealthState(),
-        metrics=metrics,
-    )
-    channel: Any = FakeChannel()
+    routes = [{"name": "r", "to": [{"stream": "s", "dedupe": True}]}]
+    pipeline = pipeline_for({"routes": routes}, NotingSink(), registry=registry)
     ids = ["a", "b", "a", None, "b", None]
-    for tag, message_id in enumerate(ids, start=1):
-        pipeline.submit(Delivery(Message(b"x", queue="q", message_id=message_id), tag, channel, 0))
-    runner = asyncio.create_task(pipeline.run())
-    try:
-        await asyncio.wait_for(pipeline.drain(), 5)
-    finally:
-        runner.cancel()
+    channel = submit(pipeline, (Message(b"x", queue="q", message_id=i) for i in ids))
+    await flush(pipeline)
     assert channel.acked == [6]
     assert channel.rejected == []
     assert sample(registry, "duplicates_suppressed_total") == 2

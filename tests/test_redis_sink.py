@@ -10,16 +10,12 @@ from typing import Any
 
 import aio_pika
 import pytest
-from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from proxy.config import BatchSettings, parse_config
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError, TransientError
 from proxy.message import Message
-from proxy.metrics import Metrics
-from proxy.pipeline import DeadLetterDestination, Pipeline
-from proxy.routing import Router, StreamTarget
+from proxy.routing import StreamTarget
 from proxy.sinks import Accepted, Publish
 from proxy.sinks.memory import MemorySink
 from proxy.sinks.redis_stream import (
@@ -29,8 +25,7 @@ from proxy.sinks.redis_stream import (
     _NativeDedupe,
     dedupe_key,
 )
-from proxy.source import Delivery
-from proxy.state import HealthState
+from tests.faults.fakes import flush, pipeline_for, submit
 from tests.helpers import (
     REDIS_URL,
     WorkerProcess,
@@ -45,7 +40,6 @@ from tests.helpers import (
     unique,
 )
 from tests.tcp_proxy import TcpProxy
-from tests.test_dedupe import FakeChannel
 
 WINDOW_S = 60.0
 
@@ -427,32 +421,16 @@ def test_native_path_sees_a_duplicate_of_an_entry_from_the_same_batch() -> None:
 
 
 async def test_a_too_large_message_is_dead_lettered_without_copying_its_body() -> None:
-    config = parse_config(
-        {
-            "max_message_bytes": 1000,
-            "sources": [{"queue": "q"}],
-            "routes": [{"name": "all", "to": [{"stream": "s"}]}],
-            "dead_letter": {"stream": "dead"},
-        },
-        environ={},
-    )
     sink = MemorySink()
-    pipeline = Pipeline(
-        Router.from_config(config),
-        {StreamTarget: sink},
-        batch=BatchSettings(max_messages=10, max_delay_ms=0),
-        health=HealthState(),
-        metrics=Metrics(CollectorRegistry(), role="test", version="0"),
-        dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
-    )
+    data = {
+        "max_message_bytes": 1000,
+        "routes": [{"name": "all", "to": [{"stream": "s"}]}],
+        "dead_letter": {"stream": "dead"},
+    }
+    pipeline = pipeline_for(data, sink)
     body = bytes(5000)
-    channel: Any = FakeChannel()
-    pipeline.submit(Delivery(Message(body, queue="q"), 1, channel, 0))
-    runner = asyncio.create_task(pipeline.run())
-    try:
-        await asyncio.wait_for(pipeline.drain(), 5)
-    finally:
-        runner.cancel()
+    channel = submit(pipeline, [Message(body, queue="q")])
+    await flush(pipeline)
     (dead,) = sink.published
     assert dead.dead_letter is not None
     assert dead.dead_letter.reason == "too-large"

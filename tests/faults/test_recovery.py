@@ -6,20 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from proxy.config import BatchSettings, parse_config
 from proxy.errors import TransientError
 from proxy.message import Message
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
-from proxy.routing import Router, StreamTarget
 from proxy.sinks import Outcome, Publish
-from proxy.source import Delivery
 from proxy.state import HealthState
-from tests.test_dedupe import FakeChannel
+from tests.faults.fakes import pipeline_for, submit
 
 
 class OutageSink:
@@ -43,21 +35,11 @@ class OutageSink:
 
 
 async def test_a_held_batch_goes_once_the_watcher_sees_the_broker_up() -> None:
-    config = parse_config(
-        {"sources": [{"queue": "q"}], "routes": [{"name": "r", "to": [{"stream": "s"}]}]},
-        environ={},
-    )
     health = HealthState()
     sink = OutageSink()
-    pipeline = Pipeline(
-        Router.from_config(config),
-        {StreamTarget: sink},
-        batch=BatchSettings(max_messages=10, max_delay_ms=0),
-        health=health,
-        metrics=Metrics(CollectorRegistry(), role="test", version="0"),
-    )
-    channel: Any = FakeChannel()
-    pipeline.submit(Delivery(Message(b"x", queue="q"), 1, channel, 0))
+    routes = [{"name": "r", "to": [{"stream": "s"}]}]
+    pipeline = pipeline_for({"routes": routes}, sink, health=health)
+    channel = submit(pipeline, [Message(b"x", queue="q")])
     runner = asyncio.create_task(pipeline.run())
     try:
         # Tries at 0 s, then retries at 0.1, 0.3, 0.7 and 1.5 s; the next would come at 3.1 s.
