@@ -75,11 +75,25 @@ class AmqpSettings(Frozen):
     prefetch: int = Field(1000, ge=1, le=65535)
     connect_timeout: float = Field(10.0, gt=0)
     publish_timeout: float = Field(10.0, gt=0)
+    # A broker that stops answering is only noticed through missed heartbeats (after about three
+    # intervals); RabbitMQ's default of 60 s would leave a hung connection unnoticed for minutes.
+    heartbeat: int = Field(10, ge=0, le=600)
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: SecretStr) -> SecretStr:
         return _check_url(value, ("amqp", "amqps"))
+
+    def connection_url(self) -> str:
+        """The URL to connect with: ``heartbeat`` added unless the URL sets its own."""
+        raw = self.url.get_secret_value()
+        parts = urlsplit(raw)
+        if "heartbeat=" in parts.query:
+            return raw
+        query = f"{parts.query}&heartbeat={self.heartbeat}" if parts.query else (
+            f"heartbeat={self.heartbeat}"
+        )
+        return parts._replace(query=query).geturl()
 
 
 class RedisSettings(Frozen):

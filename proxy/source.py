@@ -162,7 +162,7 @@ class AmqpSource:
 
     async def _connect_and_consume(self) -> None:
         connection = await aio_pika.connect(
-            self._settings.url.get_secret_value(),
+            self._settings.connection_url(),
             timeout=self._settings.connect_timeout,
             client_properties={"connection_name": self._connection_name},
         )

@@ -306,3 +306,16 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     result = run_cli(["check"], env={"MESSAGE_PROXY_CONFIG": str(path)})
     assert result.returncode == 0, result.stderr
     assert "route all" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("amqp://u:p@h/v", "amqp://u:p@h/v?heartbeat=10", id="added"),
+        pytest.param("amqp://u:p@h/v?heartbeat=3", "amqp://u:p@h/v?heartbeat=3", id="url-wins"),
+        pytest.param("amqps://h/v?ssl=1", "amqps://h/v?ssl=1&heartbeat=10", id="kept-query"),
+    ],
+)
+def test_amqp_heartbeat_is_short_by_default(url: str, expected: str) -> None:
+    config = parse(MINIMAL + f'\n[amqp]\nurl = "{url}"\n')
+    assert config.amqp.connection_url() == expected
