@@ -561,7 +561,7 @@ class AmqpExchangeSink:
         try:
             async with asyncio.timeout(settings.connect_timeout):
                 connection = await aio_pika.connect(
-                    settings.url.get_secret_value(),
+                    settings.connection_url(),  # with the heartbeat, like the source
                     timeout=settings.connect_timeout,
                     client_properties={"connection_name": self._connection_name},
                 )
