@@ -347,6 +347,7 @@ def test_any_64_bit_timestamp_decodes_to_a_utc_time(raw: int) -> None:
     consumed, value = lenient_timestamp(raw.to_bytes(8, "big"))
     assert consumed == 8
     assert value.tzinfo is not None
-    assert datetime(1970, 1, 1, tzinfo=UTC) <= value < datetime(5139, 1, 1, tzinfo=UTC)
+    # <=: 10**17 - 1 microseconds rounds to exactly 10**11 seconds as a float
+    assert datetime(1970, 1, 1, tzinfo=UTC) <= value <= datetime(5139, 1, 1, tzinfo=UTC)
     if raw <= 0xFFFFFFFF:  # seconds: exactly what pamqp itself reads
         assert value.timestamp() == raw
