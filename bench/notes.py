@@ -15,8 +15,8 @@ def intro(settings: dict[str, Any]) -> str:
 
 message-proxy against its peers on one machine, every peer a separate process, every figure the
 median of {settings["runs"]} run(s) of one invocation, every ratio taken against a baseline
-measured in that same invocation (the machine is shared and noisy: absolute figures move between
-invocations by 30 % or more, ratios much less).
+measured in that same invocation. The machine is shared and noisy: absolute figures move between
+invocations by a factor of two or more, ratios less (see *Run-to-run variation* below).
 {quick}
 Reproduce (about 20 minutes; `--quick` is a one-minute smoke run that writes next to its logs):
 
@@ -48,7 +48,9 @@ HOW_TIMED = """## How each figure was timed
   output holds exactly the number published; a run that fails either is reported below.
 - **CPU per message**: user + system CPU of the peer process (psutil), and of RabbitMQ (`beam`)
   and `redis-server`, between the first delivery and the end of the drain, divided by the
-  messages. **Peak RSS**: psutil, every 50 ms, over the process's whole life.
+  messages. The brokers are shared with whatever else runs on the machine, so their columns
+  include other clients' work when the machine is busy; the peer's column is its own.
+  **Peak RSS**: psutil, every 50 ms, over the process's whole life.
 - **Same conditions**: prefetch 1,000 for every consumer (message-proxy's default; the Shovel's
   `src-prefetch-count`), uvloop for every Python peer (message-proxy uses it when installed),
   hiredis installed for every Redis client. Peers run in a rotating order within each round.
@@ -78,6 +80,10 @@ PEERS = """## The peers
   is after the XADD: at-least-once, one message at a time.
 - **ack-only ceiling** (`bench/peers/ack_only.py`): a plain aio-pika consumer that forwards
   nothing; `ack(multiple=True)` every 500 deliveries and every 5 ms for the tail.
+- **experiment: packed RESP sink** (`bench/peers/packed_sink_bridge.py`): not a peer and not
+  the product: `workers.stream_bridge` with `RedisStreamSink.publish_batch` replaced, for batches
+  of plain entries, by one hand-packed RESP buffer written on one connection and its replies read
+  raw. It measures, in the same rounds, the change proposed below for the Redis sink.
 - **RabbitMQ Shovel**: enabled with `rabbitmq-plugins enable rabbitmq_shovel`, a dynamic shovel
   set with `rabbitmqctl set_parameter shovel ...`: source the queue, destination the exchange
   through a network `amqp://` URI, `ack-mode` `on-confirm`, `src-prefetch-count` 1000.
@@ -86,5 +92,58 @@ PEERS = """## The peers
 
 PROFILE = """## Profile: where the time per message goes
 
-(To be filled in from a py-spy profile of a 100k drain.)
+`py-spy record --format raw -r 250 --pid <worker>` over a 100,000-message drain by
+`workers.stream_bridge` (uvloop, hiredis, default batch settings) on a quiet moment of this
+machine: 9,700 msg/s, 90 us of worker CPU per message. Of the event loop's time:
+
+- **~41 %, ~37 us: the Redis sink.** redis-py packs every argument of every XADD in Python
+  (`pack_commands` alone is a third of the loop), then pipeline bookkeeping, a response callback
+  per reply, and the entry encoding.
+- **~34 %, ~31 us: receiving.** aiormq's frame reader, pamqp unmarshalling the three frames of
+  each delivery (method; content header with its properties and header table; body), the
+  hand-offs between aiormq's connection and channel readers, one Task per delivery for the
+  consumer callback.
+- **~10 %, ~9 us: the pipeline.** Routing, planning, settling, metrics (the per-message
+  end-to-end latency histogram is a third of it).
+- **~15 %, ~13 us: the event loop itself and socket writes.**
+
+Per-delivery work of message-proxy's own (building the `Message`, routing it) is down to ~1.3 us
+from ~5 us (~10 us on a busy machine; see the hot-path table below). The ack-only ceiling pays
+the same receiving cost, plus aio-pika's `IncomingMessage` (~14 us per message), and nothing
+else: ~70 us per message.
+RabbitMQ spends ~40-45 us of CPU per persistent message delivered and acked, Redis ~4 us per XADD;
+on 2 cores the three processes share, so every microsecond of the worker's is throughput.
+
+**What it would take to go beyond the ack-only ceiling.** message-proxy forwards every message and
+the ceiling does not, but the ceiling carries aio-pika's wrapper, which message-proxy skips (it
+consumes on the raw aiormq channel). To pass it:
+
+1. **Pack RESP by hand in the Redis sink** (the experiment row of workload 1, measured in the same
+   rounds): a pre-packed `XADD <stream> MAXLEN ~ <n> *` prefix per target, field names packed once,
+   one buffer per batch written on one connection, replies read raw (`read_response
+   (disable_decoding=True)`, hiredis). In isolation 14 -> 5 us per message for the packing alone.
+2. **Receive without pamqp's general decoder and aiormq's Task per delivery**: a decoder for
+   `basic.deliver` + content header that reads only the properties the contract names, and a
+   consumer fed straight from the channel's frame reader instead of a Task and two asyncio queues
+   per message. That is most of the 31 us; with (1) it would put message-proxy's CPU per message
+   below the ack-only consumer's. It is a change of AMQP client internals (or of client), not of
+   message-proxy's design.
+3. **Count the latency histogram per batch** (bucket counts added once per flush instead of one
+   locked `observe` per message): ~1 us.
+4. **More cores, not more tricks**: at ~90 + ~43 + ~4 us per message across the worker, RabbitMQ
+   and Redis, two cores top out near 14,000 msg/s whatever the worker does. Past that, more
+   workers on more cores (the prefetch is per worker; per-queue order is then per worker).
+"""
+
+
+VARIATION = """## Run-to-run variation
+
+The same command on the same code, run earlier while other test suites kept the machine busy (load
+average 4-5 on 2 cores, the figures above were taken at 1-2), measured message-proxy at 3,375 msg/s
+(runs 4,068, 2,146, 3,375), the ack-only ceiling at 3,773, the naive bridge at 1,193, FastStream at
+823; ratios 0.59x the ceiling and 2.4x the naive bridge; the relay at 0.68x the Shovel; latency
+p50 6.9 ms, p99 18 ms (one run 54 ms); peak RSS 65.5 MB. On a CPU-starved machine message-proxy
+loses more than the lighter peers: its ~90 us of CPU per message, against the ceiling's ~70,
+weighs more when a core is shared three or four ways. The ratios above are from a quiet moment;
+expect them lower on a busy one.
 """
