@@ -332,7 +332,7 @@ class RedisStreamSink:
         entry id is only checked for being one); error replies come back as exceptions.
         """
         pool = self._client.connection_pool
-        connection = await pool.get_connection()
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
