@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import aiormq
 import pamqp.decode
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
@@ -26,10 +25,12 @@ from proxy.config import AmqpSettings, Source, display_url
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.metrics import Metrics
 from proxy.state import HealthState
+from proxy.timeouts import bounded
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.5
+CLOSE_TIMEOUT_S = 5.0
 
 _pamqp_timestamp = pamqp.decode.timestamp
 
@@ -249,10 +250,12 @@ class AmqpSource:
             return
         for tag in list(self._consumer_tags.values()):
             try:
-                async with asyncio.timeout(within):
-                    await channel.basic_cancel(tag)
-            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                cancelled, _ = await bounded(channel.basic_cancel(tag), within)
+            except Exception as exc:  # the channel went away: nothing more will be delivered
                 log.warning("amqp: cancelling consumer %s failed: %s", tag, exc)
+                continue
+            if not cancelled:
+                log.warning("amqp: cancelling consumer %s timed out", tag)
         self._health.set_consumers(0)
 
     async def _close_connection(self) -> None:
@@ -260,9 +263,8 @@ class AmqpSource:
         self._consumer_tags.clear()
         if connection is not None and not connection.is_closed:
             try:
-                async with asyncio.timeout(5):
-                    await connection.close()
-            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                await bounded(connection.close(), CLOSE_TIMEOUT_S)
+            except Exception as exc:  # closing a broken connection may fail in any way
                 log.debug("amqp: close failed: %s", exc)
 
     async def aclose(self) -> None:

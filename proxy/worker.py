@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -16,6 +18,7 @@ from proxy.routing import ExchangeTarget, Router, StreamTarget, Target
 from proxy.sinks import Sink
 from proxy.source import AmqpSource
 from proxy.state import HealthState
+from proxy.timeouts import bounded
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,10 @@ HEARTBEAT_INTERVAL_S = 0.25
 PING_INTERVAL_S = 0.5  # + PING_TIMEOUT_S: a silent broker shows in readiness within 1.5 s
 PING_TIMEOUT_S = 1.0
 CLOSE_TIMEOUT_S = 5.0
+# After shutdown_timeout: the consumer cancel, the sink closes and the connection close, each
+# bounded by CLOSE_TIMEOUT_S, plus a margin.
+STUCK_SHUTDOWN_GRACE_S = 4 * CLOSE_TIMEOUT_S
+EXIT_STUCK = 1
 
 ROLE_KINDS: Mapping[str, frozenset[str]] = {
     "all": frozenset({"stream", "exchange"}),
@@ -123,19 +130,19 @@ class Worker:
                 raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
             await self._shutdown(flusher)
         finally:
-            for task in (*tasks, flusher, stop):
+            everything = (*tasks, flusher, stop)
+            for task in everything:
                 task.cancel()
-            await asyncio.gather(*tasks, flusher, stop, return_exceptions=True)
+            # Bounded: a task that swallows its cancellation must not keep the worker alive.
+            await asyncio.wait(everything, timeout=CLOSE_TIMEOUT_S)
             await self._close()
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
         self.health.stopping()
         log.info("stopping: no new deliveries; draining %d in flight", self.pipeline.pending)
         await self.source.stop_consuming(within=CLOSE_TIMEOUT_S)
-        try:
-            async with asyncio.timeout(self.config.shutdown_timeout):
-                await self.pipeline.drain()
-        except TimeoutError:
+        drained, _ = await bounded(self.pipeline.drain(), self.config.shutdown_timeout)
+        if not drained:
             log.warning(
                 "shutdown timeout: %d deliveries not acked; RabbitMQ redelivers them",
                 self.pipeline.pending,
@@ -145,10 +152,13 @@ class Worker:
     async def _close(self) -> None:
         for sink in self.sinks.values():
             try:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await sink.aclose()
+                closed, _ = await bounded(sink.aclose(), CLOSE_TIMEOUT_S)
             except Exception as exc:  # closing must go on whatever one sink does
+                closed = False
                 log.warning("%s: close failed: %s", sink.broker, exc)
+            else:
+                if not closed:
+                    log.warning("%s: close timed out", sink.broker)
         await self.source.aclose()
 
     async def _heartbeat(self) -> None:
@@ -175,6 +185,24 @@ class Worker:
             await asyncio.sleep(PING_INTERVAL_S)
 
 
+def _exit_if_stuck(after: float) -> None:
+    """The last line of defence: a shutdown still running ``after`` seconds on is ended.
+
+    Every step of the shutdown is bounded, but the client libraries run code of their own on the
+    way out (asyncio's runner waits for every task they left). What was acked is safe; what was
+    not is redelivered by RabbitMQ.
+    """
+
+    def stuck() -> None:
+        log.error("shutdown still running after %.0fs: exiting now", after)
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(after, stuck)
+    timer.daemon = True
+    timer.start()
+
+
 def install_signal_handlers(worker: Worker, main_task: asyncio.Task[None]) -> None:
     """First SIGTERM/SIGINT: graceful stop. Second: stop at once."""
     loop = asyncio.get_running_loop()
@@ -186,6 +214,7 @@ def install_signal_handlers(worker: Worker, main_task: asyncio.Task[None]) -> No
             return
         log.info("%s received: shutting down", signal.Signals(signum).name)
         worker.stop_requested.set()
+        _exit_if_stuck(worker.config.shutdown_timeout + STUCK_SHUTDOWN_GRACE_S)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
