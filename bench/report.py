@@ -18,7 +18,6 @@ CEILING = "ack-only ceiling"
 NAIVE = "naive bridge"
 RELAY = "message-proxy relay"
 SHOVEL = "RabbitMQ Shovel"
-PACKED = "experiment: packed RESP sink"
 
 
 # --- machine -----------------------------------------------------------------------------------
@@ -167,13 +166,6 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
             ".2f",
         )
         add(
-            "1. (experiment, not shipped) packed RESP sink / ack-only ceiling",
-            ">= 0.9x",
-            paired_ratio(stream, PACKED, CEILING),
-            lambda v: v >= 0.9,
-            ".2f",
-        )
-        add(
             "1. message-proxy / naive bridge",
             ">= 3x",
             paired_ratio(stream, PROXY, NAIVE),
@@ -310,8 +302,6 @@ def startup_rows(runs: dict[str, list[float]]) -> tuple[list[str], list[list[str
 
 
 def _label(peer: str) -> str:
-    if peer == PACKED:
-        return "packed RESP\n(experiment)"
     return peer.replace(" ", "\n")
 
 

@@ -104,12 +104,6 @@ def _proxy_stream(queue: str, stream: str, log_dir: Path) -> Handle:
     return start_proxy("workers.stream_bridge", [], queue, [stream_to(stream)], log_dir, name)[0]
 
 
-def _proxy_packed(queue: str, stream: str, log_dir: Path) -> Handle:
-    name = f"packed-sink-{stream}"
-    module = "bench.peers.packed_sink_bridge"
-    return start_proxy(module, [], queue, [stream_to(stream)], log_dir, name)[0]
-
-
 def _proxy_exchange(queue: str, exchange: str, log_dir: Path) -> Handle:
     name = f"message-proxy-{exchange}"
     destinations = [exchange_to(exchange)]
@@ -169,13 +163,11 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr or done.stdout}")
 
 
-PACKED_SINK = "experiment: packed RESP sink"
 STREAM_PEERS = [
     Peer("message-proxy", "stream", _proxy_stream),
     Peer("naive bridge", "stream", _peer_process("bench.peers.naive_bridge")),
     Peer("FastStream bridge", "stream", _peer_process("bench.peers.faststream_bridge")),
     Peer("ack-only ceiling", "counter", _peer_process("bench.peers.ack_only")),
-    Peer(PACKED_SINK, "stream", _proxy_packed),
 ]
 EXCHANGE_PEERS = [
     Peer("message-proxy relay", "exchange", _proxy_exchange),
