@@ -418,8 +418,8 @@ def document(results: dict[str, Any], png_name: str) -> str:
             f"\n## 2. Drain {settings['messages']:,} messages: AMQP -> AMQP exchange\n\n"
             "The Shovel runs inside RabbitMQ, so its CPU is counted in RabbitMQ's column. The "
             "relay pays the stream bridge's receive path (~31 us per message, see the profile) "
-            "plus aiormq's confirmed publish path; the Shovel pays no Python client and no hop "
-            "out of the broker's VM on the consume side.\n"
+            "plus its confirmed publishes, with one batch in flight at a time; the Shovel pays "
+            "no Python client and no hop out of the broker's VM on the consume side.\n"
         )
         out.append(markdown_table(DRAIN_HEADER, drain_rows(exchange, RELAY)))
     if results.get("fanout"):
