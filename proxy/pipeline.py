@@ -21,16 +21,15 @@ from dataclasses import dataclass
 import aiormq
 
 from proxy.backoff import Backoff
-from proxy.config import BatchSettings, DeadLetter, ExchangeDestination, StreamDestination
+from proxy.config import BatchSettings, DeadLetter
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError, RouteError, TransientError
 from proxy.message import Message
 from proxy.metrics import Metrics
-from proxy.routing import ExchangeTarget, Rejected, Routed, Router, StreamTarget, Target
+from proxy.routing import Rejected, Routed, Router, StreamTarget, Target, compile_destination
 from proxy.sinks import Accepted, Outcome, Publish, Sink
 from proxy.source import Delivery
 from proxy.state import HealthState
-from proxy.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +45,13 @@ class _Failure:
 
 
 class DeadLetterDestination:
-    """Where permanent failures go; builds the target for one message."""
+    """Where permanent failures go: the ``[dead_letter]`` destination, built like a route's."""
 
     def __init__(self, config: DeadLetter) -> None:
-        destination = config.destination()
-        self.template = (
-            destination.stream
-            if isinstance(destination, StreamDestination)
-            else (destination.exchange)
-        )
-        self._destination = destination
+        self._build = compile_destination(DEAD_LETTER_ROUTE, config.destination()).build
 
     def target(self, message: Message) -> Target:
-        destination = self._destination
-        if isinstance(destination, ExchangeDestination):
-            return ExchangeTarget(
-                DEAD_LETTER_ROUTE,
-                destination.exchange,
-                Template.parse(destination.exchange).expand(message),
-                Template.parse(destination.routing_key).expand(message),
-            )
-        return StreamTarget(
-            DEAD_LETTER_ROUTE,
-            destination.stream,
-            Template.parse(destination.stream).expand(message),
-            destination.maxlen,
-        )
+        return self._build(message)
 
 
 class Pipeline:
@@ -171,7 +151,7 @@ class Pipeline:
             )
         if not live:
             return
-        for queue, count in Counter(d.message.queue for d in live).items():
+        for queue, count in _count_queues(live).items():
             metrics.messages_consumed.labels(queue=queue).inc(count)
         metrics.batch_size.observe(len(live))
 

@@ -157,7 +157,7 @@ class _Destination:
     routing_only: bool  # the target depends on queue, exchange and routing key alone
 
 
-def _compile_destination(
+def compile_destination(
     route: str, destination: StreamDestination | ExchangeDestination
 ) -> _Destination:
     if isinstance(destination, StreamDestination):
@@ -200,7 +200,7 @@ class CompiledRoute:
     @staticmethod
     def compile(route: Route) -> CompiledRoute:
         cheap, costly = _compile_match(route.match)
-        destinations = tuple(_compile_destination(route.name, d) for d in route.to)
+        destinations = tuple(compile_destination(route.name, d) for d in route.to)
         match = route.match
         routing_only = (
             not match.headers
