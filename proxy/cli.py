@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -21,6 +21,11 @@ from proxy.config import Config, StreamDestination, config_path, display_url, lo
 from proxy.errors import ConfigError
 from proxy.message import Message
 from proxy.routing import Rejected, Router, StreamTarget, Target
+
+if TYPE_CHECKING:  # imported at run time only by ``run``: ``check`` and ``route`` stay light
+    from proxy.metrics import Metrics
+    from proxy.sinks import Sink
+    from proxy.state import HealthState
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -126,7 +131,11 @@ def run_worker(config: Config, *, role: str) -> int:
 
 
 async def _serve(
-    config: Config, role: str, metrics: Any, health: Any, sinks: dict[type[Target], Any]
+    config: Config,
+    role: str,
+    metrics: Metrics,
+    health: HealthState,
+    sinks: dict[type[Target], Sink],
 ) -> int:
     from proxy.worker import Worker, install_signal_handlers
 
