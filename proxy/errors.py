@@ -6,9 +6,10 @@
     │   ├── TemplateError      reason "template": a placeholder has no value in this message
     │   ├── NotJsonError       reason "not-json": json match or placeholder, body not a JSON object
     │   └── PluginError        reason "plugin-error": the user's callable raised
-    └── DestinationError       a destination did not accept a publish
-        ├── TransientError     connection lost, timeout: hold the batch and retry with backoff
-        └── PermanentError     the destination refused this one message: dead-letter it
+    ├── DestinationError       a destination did not accept a publish
+    │   ├── TransientError     connection lost, timeout: hold the batch and retry with backoff
+    │   └── PermanentError     the destination refused this one message: dead-letter it
+    └── AmqpError              the source's connection failed or was closed by the broker
 
 Third-party errors (aiormq, redis) are translated at the sink boundary with ``raise ... from exc``;
 nothing above the sinks catches a library's exception type.
@@ -63,3 +64,7 @@ class PermanentError(DestinationError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+class AmqpError(ProxyError):
+    """The source's AMQP connection failed, or the broker closed it; the source reconnects."""

@@ -1,0 +1,205 @@
+"""The source's own AMQP client against the real RabbitMQ (and, for outages, a TCP fault proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from pamqp import commands as spec
+from pamqp import frame
+
+from proxy import amqp_wire
+from proxy.amqp_client import AmqpConnection, Endpoint
+from proxy.errors import AmqpError
+from tests.helpers import (
+    AMQP_URL,
+    amqp_url_via,
+    async_wait_for,
+    declare_topology,
+    delete_queues,
+    publish,
+    queue_depth,
+    unique,
+)
+from tests.tcp_proxy import TcpProxy
+
+
+class Received:
+    def __init__(self) -> None:
+        self.items: list[tuple[dict[str, Any], int, str | None]] = []
+
+    def __call__(self, values: dict[str, Any], tag: int, defect: str | None) -> None:
+        self.items.append((values, tag, defect))
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[str]:
+    name = unique("client")
+    await declare_topology(name)
+    yield name
+    await delete_queues(name)
+
+
+async def open_connection(url: str = AMQP_URL, heartbeat: int = 10) -> AmqpConnection:
+    endpoint = Endpoint.from_url(url, heartbeat=heartbeat)
+    async with asyncio.timeout(10):
+        return await AmqpConnection.open(endpoint, connection_name="test")
+
+
+async def test_a_backlog_is_delivered_whole_and_a_multiple_ack_empties_the_queue(
+    queue: str,
+) -> None:
+    # Some deliveries arrive in the same read as consume-ok; bodies span 0, 1 and 3 frames.
+    bodies = [b"", b"x" * 300_000, *(f"m-{i}".encode() for i in range(2000))]
+    await publish([aio_pika.Message(body, message_id=str(i)) for i, body in enumerate(bodies)],
+                  routing_key=queue)  # fmt: skip
+    connection = await open_connection()
+    try:
+        await connection.qos(5000)
+        received = Received()
+        await connection.consume(queue, received)
+        await async_wait_for(lambda: len(received.items) == len(bodies), within=20)
+        assert [values["body"] for values, _, _ in received.items] == bodies
+        assert [values["message_id"] for values, _, _ in received.items] == [
+            str(i) for i in range(len(bodies))
+        ]
+        assert all(defect is None for _, _, defect in received.items)
+        assert received.items[0][0]["routing_key"] == queue
+        connection.ack(received.items[-1][1], multiple=True)
+        await async_wait_for(_depth_is(queue, 0), within=10)
+    finally:
+        await connection.close()
+    assert connection.is_closed
+
+
+async def test_closing_without_acks_gives_every_delivery_back(queue: str) -> None:
+    await publish([aio_pika.Message(b"x") for _ in range(50)], routing_key=queue)
+    connection = await open_connection()
+    received = Received()
+    await connection.consume(queue, received)
+    await async_wait_for(lambda: len(received.items) == 50, within=10)
+    connection.reject(received.items[0][1], requeue=False)  # one dropped for good
+    await connection.close()
+    await async_wait_for(_depth_is(queue, 49), within=10)
+
+
+async def test_a_deleted_queue_cancels_the_consumer_and_the_tag_goes(queue: str) -> None:
+    connection = await open_connection()
+    try:
+        tag = await connection.consume(queue, Received())
+        assert connection.consumer_tags == {tag}
+        await delete_queues(queue)
+        await async_wait_for(lambda: not connection.consumer_tags, within=5)
+        assert not connection.is_closed  # the connection itself is fine
+    finally:
+        await connection.close()
+
+
+async def test_a_channel_error_closes_the_connection_with_the_brokers_reason() -> None:
+    connection = await open_connection()
+    with pytest.raises(AmqpError, match="404"):
+        await connection.consume(unique("missing"), Received())
+    await async_wait_for(lambda: connection.is_closed, within=5)
+    assert "NOT_FOUND" in str(connection.closed.result())
+
+
+async def test_a_wrong_password_is_refused_without_echoing_it() -> None:
+    with pytest.raises(AmqpError) as refused:
+        await open_connection("amqp://guest:not-the-password-42@127.0.0.1:5672/")
+    assert "403" in str(refused.value) or "ACCESS_REFUSED" in str(refused.value)
+    assert "not-the-password-42" not in str(refused.value)
+    endpoint = Endpoint.from_url("amqp://guest:not-the-password-42@h/", heartbeat=1)
+    assert "not-the-password-42" not in repr(endpoint)
+
+
+async def test_a_silent_broker_is_given_up_after_missed_heartbeats(queue: str) -> None:
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        connection = await open_connection(amqp_url_via(proxy.port), heartbeat=1)
+        await connection.consume(queue, Received())
+        proxy.blackhole()
+        started = time.monotonic()
+        await async_wait_for(lambda: connection.is_closed, within=10, interval=0.05)
+        took = time.monotonic() - started
+        assert 2.0 <= took <= 5.0, took  # three silent 1 s intervals, checked every 0.5 s
+        assert "no frame from the broker" in str(connection.closed.result())
+
+
+async def test_a_cut_connection_is_seen_at_once() -> None:
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        connection = await open_connection(amqp_url_via(proxy.port))
+        proxy.cut()
+        await async_wait_for(lambda: connection.is_closed, within=5, interval=0.02)
+        with pytest.raises(AmqpError):
+            connection.ack(1)
+
+
+class Written:
+    """A transport that keeps what is written: for the frames no broker can be made to send."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def deliver_frames(consumer_tag: str, tag: int, header: bytes, body: bytes) -> bytes:
+    method = frame.marshal(spec.Basic.Deliver(consumer_tag, tag, False, "", "q"), 1)
+    header_frame = b"\x02\x00\x01" + len(header).to_bytes(4, "big") + header + b"\xce"
+    body_frame = b"\x03\x00\x01" + len(body).to_bytes(4, "big") + body + b"\xce"
+    return method + header_frame + body_frame
+
+
+async def fed_connection() -> tuple[AmqpConnection, Written, Received]:
+    connection = AmqpConnection(Endpoint.from_url(AMQP_URL, heartbeat=0), "test")
+    written = Written()
+    connection.connection_made(written)  # type: ignore[arg-type]
+    received = Received()
+    connection._consumers["ctag"] = received
+    return connection, written, received
+
+
+async def test_unreadable_properties_deliver_the_message_with_a_defect_not_a_dropped_connection(
+) -> None:  # fmt: skip
+    connection, _, received = await fed_connection()
+    bad_header = (
+        b"\x00\x3c\x00\x00" + (3).to_bytes(8, "big") + b"\x20\x00"  # headers flag
+        + b"\x00\x00\x00\x08" + b"\x01kZ" + b"\x00" * 5  # field type Z: unknown
+    )  # fmt: skip
+    data = deliver_frames("ctag", 7, bad_header, b"abc")
+    connection.data_received(data[:5])  # frames split across reads, too
+    connection.data_received(data[5:])
+    ((values, tag, defect),) = received.items
+    assert (values["body"], tag) == (b"abc", 7)
+    assert defect is not None and "cannot be read" in defect
+    assert not connection.closed.done()  # the connection goes on
+
+
+async def test_a_delivery_for_a_cancelled_consumer_is_given_back_not_left_unsettled() -> None:
+    connection, written, received = await fed_connection()
+    connection._channel_open = True
+    good_header = b"\x00\x3c\x00\x00" + (1).to_bytes(8, "big") + b"\x00\x00"
+    written.data = b""
+    connection.data_received(deliver_frames("gone", 9, good_header, b"x"))
+    assert received.items == []
+    assert written.data == amqp_wire.reject_frame(1, 9, requeue=True)
+
+
+def _depth_is(queue: str, depth: int) -> Any:
+    async def check() -> bool:
+        return await queue_depth(queue) == depth
+
+    return check
