@@ -18,17 +18,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
-import aiormq
-
 from proxy.backoff import Backoff
 from proxy.config import BatchSettings, DeadLetter
 from proxy.encoding import DeadLetterInfo
-from proxy.errors import PermanentError, RouteError, TransientError
+from proxy.errors import AmqpError, PermanentError, RouteError, TransientError
 from proxy.message import Message
 from proxy.metrics import Metrics
 from proxy.routing import Rejected, Routed, Router, StreamTarget, Target, compile_destination
 from proxy.sinks import Accepted, Outcome, Publish, Sink
-from proxy.source import Delivery
+from proxy.source import Delivery, Settler
 from proxy.state import HealthState
 
 log = logging.getLogger(__name__)
@@ -159,7 +157,7 @@ class Pipeline:
         await self._publish_all(publishes, failures)
 
         rejects = await self._dead_letter_all(live, failures)
-        await self._settle(live, rejects)
+        self._settle(live, rejects)
         self._observe_latency(live, rejects)
         metrics.flush_duration.observe(self._clock() - started)
         metrics.inflight.set(len(self._pending))
@@ -173,6 +171,9 @@ class Pipeline:
         publishes: dict[Sink, list[tuple[int, Publish]]] = {}
         for index, delivery in enumerate(live):
             message = delivery.message
+            if delivery.defect is not None:
+                failures[index] = _Failure("rejected", delivery.defect, None)
+                continue
             decision = self._route(message)
             if isinstance(decision, Routed):
                 for target in decision.targets:
@@ -326,22 +327,20 @@ class Pipeline:
                     rejects.add(index)
         return rejects
 
-    async def _settle(self, live: Sequence[Delivery], rejects: set[int]) -> None:
+    def _settle(self, live: Sequence[Delivery], rejects: set[int]) -> None:
         """The one place deliveries are acked: rejects first, then one multiple ack per channel."""
-        by_channel: dict[aiormq.abc.AbstractChannel, list[tuple[int, Delivery]]] = {}
+        by_channel: dict[Settler, list[tuple[int, Delivery]]] = {}
         for index, delivery in enumerate(live):
             by_channel.setdefault(delivery.channel, []).append((index, delivery))
         for channel, deliveries in by_channel.items():
             try:
                 for index, delivery in deliveries:
                     if index in rejects:
-                        await channel.basic_reject(delivery.tag, requeue=False, wait=False)
+                        channel.reject(delivery.tag, requeue=False)
                 acked = [d for i, d in deliveries if i not in rejects]
                 if acked:
-                    await channel.basic_ack(max(d.tag for d in acked), multiple=True)
-            # A channel closed while the batch was held: aiormq reports it as
-            # ChannelInvalidStateError (a RuntimeError), or even a bare Exception.
-            except Exception as exc:
+                    channel.ack(max(d.tag for d in acked), multiple=True)
+            except AmqpError as exc:  # the channel closed while the batch was held
                 log.warning(
                     "amqp: could not settle %d deliveries (%s); RabbitMQ redelivers them",
                     len(deliveries),

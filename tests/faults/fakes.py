@@ -25,11 +25,11 @@ class FakeChannel:
         self.acked: list[int] = []
         self.rejected: list[int] = []
 
-    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
-        self.acked.append(tag)
+    def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        self.acked.append(delivery_tag)
 
-    async def basic_reject(self, tag: int, requeue: bool = True, wait: bool = True) -> None:
-        self.rejected.append(tag)
+    def reject(self, delivery_tag: int, *, requeue: bool = False) -> None:
+        self.rejected.append(delivery_tag)
 
 
 def pipeline_for(
@@ -55,7 +55,7 @@ def submit(pipeline: Pipeline, messages: Iterable[Message]) -> Any:
     """Hand ``messages`` to the pipeline, tags from 1, on a fake channel it returns."""
     channel = FakeChannel()
     for tag, message in enumerate(messages, start=1):
-        pipeline.submit(Delivery(message, tag, channel, 0))  # type: ignore[arg-type]
+        pipeline.submit(Delivery(message, tag, channel, 0))
     return channel
 
 
