@@ -1,5 +1,6 @@
 """After an outage the held batch goes as soon as the broker answers again, not when the backoff,
-by then up to 30 s, runs out. Fast: an in-memory sink, no broker."""
+by then up to 30 s, runs out; a delivery the source could not read is dead-lettered, not retried.
+Fast: an in-memory sink, no broker."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import Sequence
 from proxy.errors import TransientError
 from proxy.message import Message
 from proxy.sinks import Outcome, Publish
+from proxy.sinks.memory import MemorySink
+from proxy.source import Delivery
 from proxy.state import HealthState
-from tests.faults.fakes import pipeline_for, submit
+from tests.faults.fakes import FakeChannel, flush, pipeline_for, submit
 
 
 class OutageSink:
@@ -54,3 +57,20 @@ async def test_a_held_batch_goes_once_the_watcher_sees_the_broker_up() -> None:
         runner.cancel()
     assert channel.acked == [1]
     assert sink.attempts[-1] - healed < 0.3
+
+
+async def test_a_delivery_whose_properties_cannot_be_read_is_dead_lettered_as_rejected() -> None:
+    sink = MemorySink()
+    data = {"routes": [{"name": "r", "to": [{"stream": "s"}]}], "dead_letter": {"stream": "dl"}}
+    pipeline = pipeline_for(data, sink)
+    channel = FakeChannel()
+    pipeline.submit(Delivery(Message(b"fine", queue="q"), 1, channel, 0))
+    pipeline.submit(Delivery(Message(b"odd", queue="q"), 2, channel, 0, defect="bad header"))
+    await flush(pipeline)
+    assert channel.acked == [2] and channel.rejected == []
+    written = {item.target.template: item for item in sink.published}
+    assert written["s"].message.body == b"fine"
+    dead = written["dl"]
+    assert dead.message.body == b"odd"
+    assert dead.dead_letter is not None
+    assert (dead.dead_letter.reason, dead.dead_letter.detail) == ("rejected", "bad header")
