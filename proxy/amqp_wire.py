@@ -21,6 +21,8 @@ from pamqp import frame as pamqp_frame
 from pamqp.base import Frame
 from pamqp.common import FieldTable
 
+from proxy.message import RawProperties
+
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = 0xCE
@@ -138,6 +140,7 @@ NO_PROPERTIES: dict[str, Any] = dict.fromkeys(
         "type",
         "user_id",
         "app_id",
+        "raw_properties",
     )
 )
 
@@ -157,10 +160,12 @@ def _content_header(payload: bytes) -> tuple[int, dict[str, Any]]:
         values["content_encoding"], offset = _short_str(payload, offset)
     else:
         values["content_encoding"] = None
+    headers_at = offset
     if flags & 0x2000:
         values["headers"], offset = decode_table(payload, offset)
     else:
         values["headers"] = None
+    headers_end = offset
     if flags & 0x1000:
         values["delivery_mode"] = payload[offset]
         offset += 1
@@ -174,6 +179,12 @@ def _content_header(payload: bytes) -> tuple[int, dict[str, Any]]:
     offset = _identity_properties(payload, offset, flags, values)
     if offset > len(payload):
         raise FrameError("content header shorter than its properties")
+    values["raw_properties"] = RawProperties(
+        flags,
+        payload[14:headers_at],
+        payload[headers_at:headers_end],
+        payload[headers_end:offset],
+    )
     return body_size, values
 
 

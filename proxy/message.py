@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -15,6 +15,16 @@ from proxy.errors import NotJsonError
 
 HOPS_HEADER = "x-message-proxy-hops"
 EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
+
+
+class RawProperties(NamedTuple):
+    """A content header's properties as they were delivered, so that a relay can pass them on
+    byte for byte (adding only its hop count) instead of encoding them again."""
+
+    flags: int
+    before_headers: bytes  # content-type, content-encoding
+    headers: bytes  # the field table with its length; empty when the message had none
+    after_headers: bytes  # delivery-mode through app-id (and cluster-id)
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +49,7 @@ class Message:
     user_id: str | None = None
     app_id: str | None = None
     redelivered: bool = False
+    raw_properties: RawProperties | None = field(default=None, repr=False)
 
     @cached_property
     def routing_words(self) -> list[str]:

@@ -15,6 +15,8 @@ from pamqp import frame
 from pamqp.header import ContentHeader
 
 from proxy import amqp_wire as wire
+from proxy.message import HOPS_HEADER, Message
+from proxy.sinks.amqp_exchange import content_header, message_properties, passed_on_header
 from tests.test_properties import SETTINGS, headers
 
 FIELD_NAMES = {"message_type": "type"}  # pamqp's name -> Message's
@@ -83,6 +85,7 @@ def test_content_header_reads_as_pamqp_reads_it(properties: spec.Basic.Propertie
     payload = header_payload(properties, body_size=123456)
     size, values = wire.decode_content_header(payload)
     assert size == 123456 == wire.body_size(payload)
+    assert values.pop("raw_properties") is not None
     assert values == pamqp_reading(payload)
 
 
@@ -109,7 +112,25 @@ def test_any_properties_read_as_pamqp_reads_them(
         expected = pamqp_reading(payload)
     except (ValueError, TypeError, OverflowError):
         return  # pamqp cannot write or read it back: not a frame RabbitMQ would deliver
-    assert wire.decode_content_header(payload)[1] == expected
+    values = wire.decode_content_header(payload)[1]
+    raw = values.pop("raw_properties")
+    assert values == expected
+    assert_passed_on_as_encoded_again(payload, values, raw)
+
+
+def assert_passed_on_as_encoded_again(payload: bytes, values: dict[str, Any], raw: Any) -> None:
+    """The relay's byte-for-byte header reads back as delivered, plus the hop count."""
+    message = Message.of(
+        {**values, "headers": values["headers"] or {}, "raw_properties": raw, "body": b"x" * 10,
+         "routing_key": "", "exchange": "", "queue": "q", "redelivered": False}
+    )  # fmt: skip
+    passed_on = pamqp_reading(passed_on_header(raw, message, 10))
+    if HOPS_HEADER in message.headers:  # the table is encoded again, as it would be anyway
+        assert passed_on == pamqp_reading(content_header(message_properties(message), 10))
+    else:  # exactly what was delivered, plus the hop count
+        expected = pamqp_reading(payload)
+        expected["headers"] = {**(expected["headers"] or {}), HOPS_HEADER: 1}
+        assert passed_on == expected
 
 
 @pytest.mark.parametrize(
@@ -146,7 +167,11 @@ def test_ack_and_reject_frames_are_pamqps(multiple: bool) -> None:
 def test_a_short_string_that_is_not_utf8_reads_with_replacement_characters() -> None:
     payload = header_payload(spec.Basic.Properties(message_id="ab"))
     broken = payload.replace(b"\x02ab", b"\x02a\xff")
-    assert wire.decode_content_header(broken)[1]["message_id"] == "a\ufffd"
+    values = wire.decode_content_header(broken)[1]
+    assert values["message_id"] == "a\ufffd"
+    raw = values["raw_properties"]
+    message = Message(b"", message_id=values["message_id"], raw_properties=raw)
+    assert b"\x02a\xff" in passed_on_header(raw, message, 0)  # relayed as it came
 
 
 @pytest.mark.parametrize(
@@ -188,3 +213,22 @@ def test_a_header_long_string_that_is_not_utf8_reads_as_bytes_as_pamqp_reads_it(
     broken = payload.replace(b"\x00\x00\x00\x02ab", b"\x00\x00\x00\x02a\xff")
     assert wire.decode_content_header(broken)[1]["headers"] == {"k": b"a\xff"}
     assert pamqp_reading(broken)["headers"] == {"k": b"a\xff"}
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        spec.Basic.Properties(),
+        spec.Basic.Properties(headers={}),
+        spec.Basic.Properties(headers={HOPS_HEADER: 3, "a": "b"}, app_id="x"),
+        spec.Basic.Properties(headers={HOPS_HEADER: "not a number"}),
+        EVERY_PROPERTY,
+    ],
+    ids=["none", "empty-headers", "hops-already", "hops-unreadable", "every-property"],
+)
+def test_a_relayed_header_is_the_delivered_one_plus_the_hop_count(
+    properties: spec.Basic.Properties,
+) -> None:
+    payload = header_payload(properties)
+    values = wire.decode_content_header(payload)[1]
+    assert_passed_on_as_encoded_again(payload, values, values.pop("raw_properties"))

@@ -60,7 +60,7 @@ from pamqp.header import ContentHeader
 from proxy.config import AmqpSettings, display_url
 from proxy.encoding import DeadLetterInfo, dead_letter_headers
 from proxy.errors import PermanentError, TransientError
-from proxy.message import HOPS_HEADER, Message
+from proxy.message import HOPS_HEADER, Message, RawProperties
 from proxy.routing import ExchangeTarget
 from proxy.sinks import Outcome, Publish
 
@@ -244,6 +244,26 @@ def content_header(properties: spec.Basic.Properties, body_size: int) -> bytes:
     return _HEADER_HEAD.pack(_BASIC_CLASS, 0, body_size, flags) + b"".join(parts)
 
 
+_FIRST_HOP = _shortstr(HOPS_HEADER) + pamqp_encode.table_integer(1)
+_HEADERS_FLAG = 0x2000
+
+
+def passed_on_header(raw: RawProperties, message: Message, body_size: int) -> bytes:
+    """The content header of a message relayed unchanged: its properties as delivered, byte for
+    byte, and its header table with the hop count added (appended when it had none, as a dict
+    update would put it; the table is encoded again when it had one)."""
+    if HOPS_HEADER in message.headers:
+        headers = dict(message.headers)
+        headers[HOPS_HEADER] = message.hops + 1
+        table = field_table(headers)
+    else:
+        entries = raw.headers[4:] + _FIRST_HOP
+        table = _U32.pack(len(entries)) + entries
+    flags = raw.flags | _HEADERS_FLAG
+    head = _HEADER_HEAD.pack(_BASIC_CLASS, 0, body_size, flags)
+    return b"".join((head, raw.before_headers, table, raw.after_headers))
+
+
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
     return _FRAME_HEAD.pack(kind, channel, len(payload)) + payload + _FRAME_END
 
@@ -276,10 +296,13 @@ def encode(index: int, item: Publish) -> _Encoded:
     if not isinstance(target, ExchangeTarget):
         raise TypeError(f"AmqpExchangeSink cannot publish to {target!r}")
     message = item.message
-    properties = message_properties(message, item.dead_letter)
     _shortstr(target.exchange)
     _shortstr(target.routing_key)
-    header = content_header(properties, len(message.body))
+    raw = message.raw_properties
+    if raw is not None and item.dead_letter is None:
+        header = passed_on_header(raw, message, len(message.body))
+    else:
+        header = content_header(message_properties(message, item.dead_letter), len(message.body))
     return _Encoded(
         index, target.exchange, target.routing_key, message.message_id, message.body, header
     )
