@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -59,6 +59,18 @@ def _check_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
     return value
 
 
+def _check_amqp_query(value: SecretStr) -> None:
+    """The query keys the AMQP connection reads: checked now, not on the first connect."""
+    query = parse_qs(urlsplit(value.get_secret_value()).query)
+    heartbeat = query.get("heartbeat", ["0"])[-1]
+    if not heartbeat.isdigit() or int(heartbeat) > 600:
+        raise ValueError("heartbeat in the URL must be a whole number of seconds, 0 to 600")
+    for key in ("cafile", "certfile", "keyfile"):
+        for path in query.get(key, []):
+            if not Path(path).is_file():
+                raise ValueError(f"{key} in the URL is not a readable file")
+
+
 def display_url(url: SecretStr) -> str:
     """The URL with its password masked: safe for logs, errors and ``check`` output."""
     parts = urlsplit(url.get_secret_value())
@@ -82,7 +94,9 @@ class AmqpSettings(Frozen):
     @field_validator("url")
     @classmethod
     def _url(cls, value: SecretStr) -> SecretStr:
-        return _check_url(value, ("amqp", "amqps"))
+        _check_url(value, ("amqp", "amqps"))
+        _check_amqp_query(value)
+        return value
 
     def connection_url(self) -> str:
         """The URL to connect with: ``heartbeat`` added unless the URL sets its own."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -203,3 +206,62 @@ def _depth_is(queue: str, depth: int) -> Any:
         return await queue_depth(queue) == depth
 
     return check
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost (openssl is on every machine these tests run on)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@asynccontextmanager
+async def tls_in_front_of_rabbitmq(cert: str, key: str) -> AsyncIterator[int]:
+    """A TLS listener forwarding to RabbitMQ's plain port: amqps without reconfiguring it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        broker_reader, broker = await asyncio.open_connection("127.0.0.1", 5672)
+        await asyncio.gather(
+            forward(client_reader, broker), forward(broker_reader, client), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_amqps_verifies_the_broker_against_the_given_ca(
+    queue: str, certificate: tuple[str, str]
+) -> None:
+    cert, key = certificate
+    await publish([aio_pika.Message(b"over tls")], routing_key=queue)
+    async with tls_in_front_of_rabbitmq(cert, key) as port:
+        connection = await open_connection(f"amqps://guest:guest@localhost:{port}/?cafile={cert}")
+        try:
+            received = Received()
+            await connection.consume(queue, received)
+            await async_wait_for(lambda: len(received.items) == 1, within=5)
+            assert received.items[0][0]["body"] == b"over tls"
+        finally:
+            await connection.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # not signed by a CA we trust
+            await open_connection(f"amqps://guest:guest@localhost:{port}/")
+        unverified = await open_connection(f"amqps://guest:guest@localhost:{port}/?no_verify_ssl=1")
+        await unverified.close()

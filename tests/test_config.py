@@ -124,6 +124,20 @@ def test_environment_overrides(environ: dict[str, str], check: Any) -> None:
             id="bad-url-port",
         ),
         pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "amqp://h/?heartbeat=soon"\n',
+            {},
+            "amqp.url",
+            "heartbeat in the URL",
+            id="bad-url-heartbeat",
+        ),
+        pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "amqps://h/?cafile=/no/such/ca.pem"\n',
+            {},
+            "amqp.url",
+            "cafile in the URL is not a readable file",
+            id="missing-tls-file",
+        ),
+        pytest.param(
             MINIMAL,
             {"MESSAGE_PROXY_REDIS__URL": "nope"},
             "redis.url",
