@@ -88,57 +88,58 @@ PEERS = """## The peers
 
 PROFILE = """## Profile: where the time per message goes
 
-`py-spy record --format raw -r 250 --pid <worker>` over a 100,000-message drain by
-`workers.stream_bridge` (uvloop, hiredis, default batch settings) on a quiet moment of this
-machine: 9,700 msg/s, 90 us of worker CPU per message. Of the event loop's time:
+`py-spy record --format raw -r 250 --pid <worker>` over a 100,000-message drain on this machine
+(uvloop, hiredis, default batch settings; py-spy's sampling slows the worker by about a third).
 
-- **~41 %, ~37 us: the Redis sink**, before this was changed: redis-py packed every argument of
-  every XADD in Python (`pack_commands` alone was a third of the loop), then pipeline
-  bookkeeping and a response callback per reply. The sink now writes a batch as one hand-packed
-  RESP buffer on one pooled connection and reads the replies raw: measured in the same rounds as
-  a patched peer first, 90 -> 74 us per message, 0.80x -> 0.95x the ack-only ceiling.
-- **~34 %, ~31 us: receiving.** aiormq's frame reader, pamqp unmarshalling the three frames of
-  each delivery (method; content header with its properties and header table; body), the
-  hand-offs between aiormq's connection and channel readers, one Task per delivery for the
-  consumer callback.
-- **~10 %, ~9 us: the pipeline.** Routing, planning, settling, metrics (the per-message
-  end-to-end latency histogram is a third of it).
-- **~15 %, ~13 us: the event loop itself and socket writes.**
+**Stream bridge** (~55 us of worker CPU per message unprofiled). Of the event loop's busy time:
 
-Per-delivery work of message-proxy's own (building the `Message`, routing it) is down to ~1.3 us
-from ~5 us (~10 us on a busy machine; see the hot-path table below). The ack-only ceiling pays
-the same receiving cost, plus aio-pika's `IncomingMessage` (~14 us per message), and nothing
-else: ~70 us per message.
-RabbitMQ spends ~40-45 us of CPU per persistent message delivered and acked, Redis ~4 us per XADD;
-on 2 cores the three processes share, so every microsecond of the worker's is throughput.
+- **~45 %: the Redis sink.** Packing the batch's XADDs as one RESP buffer (~15 %), reading the
+  replies (~15 %), encoding each message's entry fields (~7 %), the timeout around the round trip.
+- **~35 %: receiving**, in message-proxy's own consuming client (`proxy/amqp_client.py`): cutting
+  frames, decoding `basic.deliver` and the content header by hand (the header table and the
+  properties are most of it), building the `Message`. ~10 us per message measured alone (hot-path
+  table), against ~23 us for pamqp's decoder alone and ~30 us for the whole of aiormq's receive
+  path (its frame reader, two asyncio queues and a Task per delivery), which this client replaced.
+- **~20 %: the pipeline.** Routing, planning, settling, metrics (the per-message end-to-end
+  latency histogram is a quarter of it).
 
-**What it would take to go beyond the ack-only ceiling.** message-proxy forwards every message and
-the ceiling does not, but the ceiling carries aio-pika's wrapper, which message-proxy skips (it
-consumes on the raw aiormq channel). To pass it:
+**Relay** (~50 us per message unprofiled): receiving is half of its busy time (the same client),
+publishing a fifth (the delivered properties are passed on byte for byte, only the hop count is
+spliced into the header table), the pipeline the rest. The relay's limit is not its own CPU but
+the broker's: RabbitMQ spends ~170 us of CPU per relayed persistent message (consume, ack,
+publish, confirm, two durable queues), and with one batch in flight the relay waits out every
+batch's confirms (about 0.1 s per batch of 500 persistent messages here) before it sends the next.
 
-1. **Pack RESP by hand in the Redis sink**: done (see above).
-2. **Receive without pamqp's general decoder and aiormq's Task per delivery**: a decoder for
-   `basic.deliver` + content header that reads only the properties the contract names, and a
-   consumer fed straight from the channel's frame reader instead of a Task and two asyncio queues
-   per message. That is most of the 31 us; with (1) it would put message-proxy's CPU per message
-   below the ack-only consumer's. It is a change of AMQP client internals (or of client), not of
-   message-proxy's design.
-3. **Count the latency histogram per batch** (bucket counts added once per flush instead of one
-   locked `observe` per message): ~1 us.
-4. **More cores, not more tricks**: at ~90 + ~43 + ~4 us per message across the worker, RabbitMQ
-   and Redis, two cores top out near 14,000 msg/s whatever the worker does. Past that, more
-   workers on more cores (the prefetch is per worker; per-queue order is then per worker).
+**Beyond the ack-only ceiling.** message-proxy now forwards every message to Redis faster than
+a plain aio-pika consumer that only acks: the ceiling pays aio-pika's receive path (pamqp's
+general decoder, aiormq's queues and Task per delivery, then aio-pika's `IncomingMessage`:
+over 40 us per message for the decoding and the wrapper alone, hot-path table), message-proxy's
+own client ~10 us. What made the difference, in order:
+hand-packed RESP in the Redis sink (~37 -> ~15 us), then receiving without aiormq (~31 -> ~10 us).
+What is left to take, if it is ever worth it:
+
+1. **Decode properties lazily**: the relay (and a route on the routing key alone) never reads most
+   of them; ~5 us.
+2. **Count the latency histogram per batch** instead of one locked `observe` per message: ~1 us.
+3. **Several batches in flight for the relay**: writing batch k+1 while batch k waits for its
+   confirms, settling in order. Built and measured (`max_in_flight` 1, 2, 4 and smaller batches,
+   same runs): no gain beyond the noise here, because RabbitMQ's CPU, not the wait, is the limit
+   on two shared cores; so not shipped (it costs ordered settlement and per-destination write
+   turns). It would pay for a destination broker far away (`[amqp_out]` across a WAN).
+4. **More cores**: at ~55 + ~42 + ~5 us per message across the worker, RabbitMQ and Redis, two
+   cores top out near 20,000 msg/s whatever the worker does. Past that, more workers (per-queue
+   order is then per worker; see the README).
 """
 
 
 VARIATION = """## Run-to-run variation
 
-The same command on the same code, run earlier while other test suites kept the machine busy (load
-average 4-5 on 2 cores, the figures above were taken at 1-2), measured message-proxy at 3,375 msg/s
-(runs 4,068, 2,146, 3,375), the ack-only ceiling at 3,773, the naive bridge at 1,193, FastStream at
-823; ratios 0.59x the ceiling and 2.4x the naive bridge; the relay at 0.68x the Shovel; latency
-p50 6.9 ms, p99 18 ms (one run 54 ms); peak RSS 65.5 MB. On a CPU-starved machine message-proxy
-loses more than the lighter peers: its ~90 us of CPU per message, against the ceiling's ~70,
-weighs more when a core is shared three or four ways. The ratios above are from a quiet moment;
-expect them lower on a busy one.
+This machine is shared and its speed moves between invocations: on the day of the figures above
+(I/O wait near 50 % while the brokers persist), the same peers ran about half as fast as in an
+earlier invocation (ack-only ceiling 11,665 -> 5,849 msg/s, naive bridge 3,194 -> 1,866, Shovel
+9,704 -> 7,106), which is why only ratios from one invocation are compared. Latency moves most:
+the same latency workload run back to back on the code before and after the new consuming
+client gave p99 of 16.8 / 17.7 / 19.8 ms (before) and 11.2 / 17.5 / 20.2 ms (after), p50 7.6-8.0
+and 6.0-6.6 ms, against 9.0-10.0 ms p99 in a quieter invocation: at 2,000 msg/s the worker adds
+the 5 ms batch deadline and ~1 ms; the rest of the tail is the broker and the machine.
 """
