@@ -87,11 +87,15 @@ def report(what: str, ids: Counter[str], count: int, seconds: float | None = Non
 
 async def test_kill_9_mid_flow_loses_nothing(tmp_path: Path, names: dict[str, str]) -> None:
     count = 20_000
-    await publish([], routing_key=names["queue"])  # nothing; the worker declares the queue
+    # A backlog first: the worker drains faster than a confirmed publisher fills, so a kill
+    # timed against a publish in progress could land after the last message.
+    await declare_topology(names["queue"])
+    await publish(numbered(count), routing_key=names["queue"], confirm_every=2000)
     worker = WorkerProcess(config_for(names), tmp_path).start()
     try:
-        await publish(numbered(count), routing_key=names["queue"], confirm_every=2000)
-        await async_wait_for(lambda: _length_at_least(names["stream"], count // 4), within=60)
+        await async_wait_for(
+            lambda: _length_at_least(names["stream"], count // 4), within=60, interval=0.01
+        )
         worker.kill()  # SIGKILL: no drain, no ack of the batch in flight
         in_stream_at_kill = await stream_length(names["stream"])
         assert 0 < in_stream_at_kill < count, "the kill must land mid-flow"
