@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.amqp_client import AmqpConnection, Consumer, Endpoint
-from proxy.amqp_wire import lenient_timestamp
 from proxy.backoff import Backoff
 from proxy.config import AmqpSettings, Source, display_url
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.metrics import Metrics
 from proxy.state import HealthState
 from proxy.timeouts import bounded
-
-__all__ = ["AmqpSource", "Delivery", "Settler", "lenient_timestamp"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class Settler(Protocol):
-    """Where a delivery is acked or rejected: the channel it arrived on."""
+    """Where a delivery is acked or rejected: the connection (one channel) it arrived on."""
 
     @property
     def is_closed(self) -> bool: ...

@@ -16,12 +16,12 @@ import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from proxy.amqp_wire import lenient_timestamp
 from proxy.config import Config, parse_config
 from proxy.encoding import DeadLetterInfo, dead_letter_fields, entry_fields
 from proxy.errors import ConfigError
 from proxy.message import HOPS_HEADER, Message, header_text
 from proxy.routing import ExchangeTarget, Rejected, Routed, Router, StreamTarget, topic_matches
-from proxy.source import lenient_timestamp
 
 REASONS = {"unrouted", "template", "not-json", "too-large", "plugin-error", "loop"}
 
