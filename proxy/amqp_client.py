@@ -112,7 +112,6 @@ class AmqpConnection(asyncio.Protocol):
         self._consumers: dict[str, Consumer] = {}
         self._next_consumer: Consumer | None = None
         self._delivery: _Delivery | None = None
-        self._frame_max = FRAME_MAX
         self._heartbeat = 0
         self._last_received = time.monotonic()
         self._last_sent = time.monotonic()
@@ -121,10 +120,8 @@ class AmqpConnection(asyncio.Protocol):
         self.closed: asyncio.Future[AmqpError] = self._loop.create_future()
 
     def __repr__(self) -> str:
-        return f"<AmqpConnection {self._endpoint.host}:{self._endpoint.port} {self._state()}>"
-
-    def _state(self) -> str:
-        return "closed" if self.is_closed else "open"
+        state = "closed" if self.is_closed else "open"
+        return f"<AmqpConnection {self._endpoint.host}:{self._endpoint.port} {state}>"
 
     # --- opening ---
 
@@ -167,14 +164,13 @@ class AmqpConnection(asyncio.Protocol):
             ),
             spec.Connection.Tune,
         )
-        self._frame_max = _negotiate(tune.frame_max, FRAME_MAX)
         self._heartbeat = endpoint.heartbeat  # ours, as aiormq does: 0 turns heartbeats off
         self._send(
             wire.method_frame(
                 0,
                 spec.Connection.TuneOk(
                     channel_max=_negotiate(tune.channel_max, CHANNEL),
-                    frame_max=self._frame_max,
+                    frame_max=_negotiate(tune.frame_max, FRAME_MAX),
                     heartbeat=self._heartbeat,
                 ),
             )
