@@ -248,20 +248,22 @@ _FIRST_HOP = _shortstr(HOPS_HEADER) + pamqp_encode.table_integer(1)
 _HEADERS_FLAG = 0x2000
 
 
-def passed_on_header(raw: RawProperties, message: Message, body_size: int) -> bytes:
-    """The content header of a message relayed unchanged: its properties as delivered, byte for
-    byte, and its header table with the hop count added (appended when it had none, as a dict
-    update would put it; the table is encoded again when it had one)."""
-    if HOPS_HEADER in message.headers:
-        headers = dict(message.headers)
-        headers[HOPS_HEADER] = message.hops + 1
-        table = field_table(headers)
-    else:
-        entries = raw.headers[4:] + _FIRST_HOP
-        table = _U32.pack(len(entries)) + entries
-    flags = raw.flags | _HEADERS_FLAG
-    head = _HEADER_HEAD.pack(_BASIC_CLASS, 0, body_size, flags)
+def passed_on_header(raw: RawProperties, body_size: int) -> bytes:
+    """The content header of a message on its first hop: its properties as delivered, byte for
+    byte, with the hop count appended to its header table (where a dict update puts it)."""
+    entries = raw.headers[4:] + _FIRST_HOP
+    table = _U32.pack(len(entries)) + entries
+    head = _HEADER_HEAD.pack(_BASIC_CLASS, 0, body_size, raw.flags | _HEADERS_FLAG)
     return b"".join((head, raw.before_headers, table, raw.after_headers))
+
+
+def publish_header(message: Message, dead_letter: DeadLetterInfo | None = None) -> bytes:
+    """The content header to publish: passed on as delivered where it can be, else encoded from
+    the message's fields (a dead letter, a message that already counts hops, one built here)."""
+    raw = message.raw_properties
+    if raw is not None and dead_letter is None and HOPS_HEADER not in message.headers:
+        return passed_on_header(raw, len(message.body))
+    return content_header(message_properties(message, dead_letter), len(message.body))
 
 
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
@@ -298,11 +300,7 @@ def encode(index: int, item: Publish) -> _Encoded:
     message = item.message
     _shortstr(target.exchange)
     _shortstr(target.routing_key)
-    raw = message.raw_properties
-    if raw is not None and item.dead_letter is None:
-        header = passed_on_header(raw, message, len(message.body))
-    else:
-        header = content_header(message_properties(message, item.dead_letter), len(message.body))
+    header = publish_header(message, item.dead_letter)
     return _Encoded(
         index, target.exchange, target.routing_key, message.message_id, message.body, header
     )
