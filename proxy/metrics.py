@@ -6,7 +6,13 @@ expanded name, so label cardinality is bounded by the config file.
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "message_proxy"
 
@@ -67,11 +73,11 @@ class Metrics:
             buckets=FLUSH_BUCKETS,
             registry=registry,
         )
-        self.end_to_end_latency = Histogram(
+        self.end_to_end_latency = BatchHistogram(
             f"{PREFIX}_end_to_end_latency_seconds",
             "From the message timestamp property to its ack (only messages that carry one).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            registry,
         )
         self.inflight = Gauge(
             f"{PREFIX}_inflight_messages",
@@ -91,3 +97,48 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=version, role=role).set(1)
+
+
+class BatchHistogram:
+    """A histogram observed a batch at a time, exported like prometheus_client's own.
+
+    ``Histogram.observe`` takes a lock and walks the buckets for every value: one observation per
+    acked message was ~8 % of the relay's CPU. Here a batch is counted locally and added under one
+    lock; the sidecar thread reads a copy under the same lock.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(bound) for bound in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds = self._bounds
+        added = [0] * len(self._counts)
+        total = 0.0
+        for value in values:
+            added[bisect_left(bounds, value)] += 1  # Prometheus buckets are "less or equal"
+            total += value
+        with self._lock:
+            self._counts = [count + extra for count, extra in zip(self._counts, added, strict=True)]
+            self._sum += total
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(
+            self._name, self._documentation, buckets=buckets, sum_value=total
+        )

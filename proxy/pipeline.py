@@ -352,11 +352,13 @@ class Pipeline:
 
     def _observe_latency(self, live: Sequence[Delivery], rejects: set[int]) -> None:
         now = self._wall_clock()
-        histogram = self._metrics.end_to_end_latency
-        for index, delivery in enumerate(live):
-            timestamp = delivery.message.timestamp
-            if timestamp is not None and index not in rejects:
-                histogram.observe(max(0.0, now - timestamp.timestamp()))
+        self._metrics.end_to_end_latency.observe_many(
+            [
+                max(0.0, now - timestamp.timestamp())
+                for index, delivery in enumerate(live)
+                if (timestamp := delivery.message.timestamp) is not None and index not in rejects
+            ]
+        )
 
 
 def _count_queues(deliveries: Iterable[Delivery]) -> Counter[str]:

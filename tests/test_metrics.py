@@ -1,0 +1,53 @@
+"""The batch-observed latency histogram exports exactly what prometheus_client's would."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from proxy.metrics import LATENCY_BUCKETS, BatchHistogram
+
+NAME = "latency_seconds"
+
+
+def _exposition(registry: CollectorRegistry) -> list[str]:
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [],
+        [[]],
+        [[0.0]],
+        [[0.001, 0.0025, 0.005]],  # exactly on bucket bounds: "less or equal"
+        [[0.0011, 0.7, 59.9, 60.0, 61.0, 3600.0]],  # above the last bound: +Inf only
+        [[0.2] * 500, [1.5, 2.5], [], [0.004]],
+    ],
+    ids=["nothing", "empty-batch", "zero", "on-bounds", "spread", "several-batches"],
+)
+def test_batch_histogram_exports_what_prometheus_client_would(batches: list[list[float]]) -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    histogram = BatchHistogram(NAME, "doc", LATENCY_BUCKETS, ours)
+    reference = Histogram(NAME, "doc", buckets=LATENCY_BUCKETS, registry=theirs)
+    for batch in batches:
+        histogram.observe_many(batch)
+        for value in batch:
+            reference.observe(value)
+
+    assert _exposition(ours) == _exposition(theirs)
+
+
+def test_batch_histogram_reads_back_through_the_registry() -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    histogram = BatchHistogram(NAME, "doc", (0.5, 1.0), registry)
+    histogram.observe_many([0.25, 0.75, 2.0])
+
+    assert registry.get_sample_value(f"{NAME}_count") == 3
+    assert registry.get_sample_value(f"{NAME}_sum") == 3.0
+    assert registry.get_sample_value(f"{NAME}_bucket", {"le": "0.5"}) == 1
+    assert registry.get_sample_value(f"{NAME}_bucket", {"le": "1.0"}) == 2
+    assert registry.get_sample_value(f"{NAME}_bucket", {"le": "+Inf"}) == 3
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        BatchHistogram(NAME, "doc", (0.5,), registry)  # one name, one collector
