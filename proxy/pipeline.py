@@ -191,12 +191,7 @@ class Pipeline:
         self, publishes: Mapping[Sink, list[tuple[int, Publish]]], failures: dict[int, _Failure]
     ) -> None:
         """Publish to every sink at once; a refused item marks its delivery as failed."""
-        results = await asyncio.gather(
-            *(
-                self._publish_reliably(sink, [p for _, p in items])
-                for sink, items in publishes.items()
-            )
-        )
+        results = await self._publish_to_each(publishes)
         published: Counter[tuple[str, str]] = Counter()
         notes: Counter[Accepted] = Counter()
         for items, outcomes in zip(publishes.values(), results, strict=True):
@@ -221,6 +216,18 @@ class Pipeline:
             self._metrics.dedupe_skipped.labels(reason=Accepted.NO_MESSAGE_ID.value).inc(
                 notes[Accepted.NO_MESSAGE_ID]
             )
+
+    async def _publish_to_each(
+        self, publishes: Mapping[Sink, list[tuple[int, Publish]]]
+    ) -> list[list[Outcome]]:
+        """Every sink's outcomes, in the mapping's order; sinks are written concurrently."""
+        batches = [(sink, [p for _, p in items]) for sink, items in publishes.items()]
+        if len(batches) == 1:  # no Task: the write goes out before the loop reads more deliveries
+            sink, items = batches[0]
+            return [await self._publish_reliably(sink, items)]
+        return list(
+            await asyncio.gather(*(self._publish_reliably(sink, items) for sink, items in batches))
+        )
 
     def _route(self, message: Message) -> Routed | Rejected:
         try:
@@ -310,12 +317,7 @@ class Pipeline:
                 continue
             sink = self._sinks[type(target)]
             to_publish.setdefault(sink, []).append((index, Publish(message, target, info)))
-        results = await asyncio.gather(
-            *(
-                self._publish_reliably(sink, [p for _, p in items])
-                for sink, items in to_publish.items()
-            )
-        )
+        results = await self._publish_to_each(to_publish)
         for items, outcomes in zip(to_publish.values(), results, strict=True):
             for (index, item), outcome in zip(items, outcomes, strict=True):
                 if isinstance(outcome, PermanentError):
