@@ -100,15 +100,26 @@ PROFILE = """## Profile: where the time per message goes
   properties are most of it), building the `Message`. ~10 us per message measured alone (hot-path
   table), against ~23 us for pamqp's decoder alone and ~30 us for the whole of aiormq's receive
   path (its frame reader, two asyncio queues and a Task per delivery), which this client replaced.
-- **~20 %: the pipeline.** Routing, planning, settling, metrics (the per-message end-to-end
-  latency histogram is a quarter of it).
+- **~20 %: the pipeline.** Routing, planning, settling, metrics (the end-to-end latency
+  histogram, a quarter of it while it was observed per message, is now counted per batch).
 
-**Relay** (~50 us per message unprofiled): receiving is half of its busy time (the same client),
+**Relay** (~40-50 us per message unprofiled): receiving is half of its busy time (the same client),
 publishing a fifth (the delivered properties are passed on byte for byte, only the hop count is
-spliced into the header table), the pipeline the rest. The relay's limit is not its own CPU but
-the broker's: RabbitMQ spends ~170 us of CPU per relayed persistent message (consume, ack,
-publish, confirm, two durable queues), and with one batch in flight the relay waits out every
-batch's confirms (about 0.1 s per batch of 500 persistent messages here) before it sends the next.
+spliced into the header table), the pipeline the rest. Its limit is neither its own CPU nor
+RabbitMQ's schedulers but the cycle of one batch: the worker plans and encodes it, RabbitMQ takes
+the 500 publishes through one channel into one queue process and confirms them (35-50 ms for 500
+persistent messages while the source queue is being drained), the worker acks, and only then
+does the next batch go out. Measured during 100,000-message drains (`rabbitmq-diagnostics
+runtime_thread_stats`, `vmstat`): RabbitMQ's two schedulers ~30 % busy under the relay against
+~60 % under the Shovel, its two dirty CPU schedulers (garbage collection of the two queue
+processes, whose heaps hold the backlogs, 80-140 MB each) 15-45 % busy each under the relay and
+~21 % under the Shovel, and the machine a third idle under the relay, a fifth under the Shovel.
+A bare publisher (no consumer running) gets ~14,000 persistent msg/s through the same path
+whether it waits for each batch of 500 to be confirmed or keeps 1,000 unconfirmed: the broker's
+path into one queue is serial, so a second batch in flight does not shorten it (below). Not
+settled: why the Shovel gets more through the same path. Its steady flow of single publishes
+may suit the queue processes better than bursts of 500 (their garbage collection costs less per
+message under it), which would favour a relay that streams publishes as deliveries arrive.
 
 **Beyond the ack-only ceiling.** message-proxy now forwards every message to Redis faster than
 a plain aio-pika consumer that only acks: the ceiling pays aio-pika's receive path (pamqp's
@@ -120,13 +131,19 @@ What is left to take, if it is ever worth it:
 
 1. **Decode properties lazily**: the relay (and a route on the routing key alone) never reads most
    of them; ~5 us.
-2. **Count the latency histogram per batch** instead of one locked `observe` per message: ~1 us.
+2. **Ack each confirmed part of a batch as its confirms arrive** (what the Shovel does, message by
+   message): the source refills during the confirm wait instead of after it. Prototyped (an ack
+   every 50 confirms) and measured in the same runs: 6,370 vs 6,231 msg/s, medians of 3, noise;
+   not shipped (it splits the one place that settles). Prefetch 2,000 instead of 1,000 gave
+   8,048 vs 7,067 in two rounds, but every peer is compared at 1,000.
 3. **Several batches in flight for the relay**: writing batch k+1 while batch k waits for its
-   confirms, settling in order. Built and measured (`max_in_flight` 1, 2, 4 and smaller batches,
-   same runs): no gain beyond the noise here, because RabbitMQ's CPU, not the wait, is the limit
-   on two shared cores; so not shipped (it costs ordered settlement and per-destination write
-   turns). It would pay for a destination broker far away (`[amqp_out]` across a WAN).
-4. **More cores**: at ~55 + ~42 + ~5 us per message across the worker, RabbitMQ and Redis, two
+   confirms, settling in order. Built twice as a prototype and measured in the same runs: 6,389
+   vs 6,508 msg/s (one vs two in flight, medians of 4), 8,048 vs 7,836 with prefetch 2,000; no
+   gain beyond the noise, for the reason above, so not shipped. It would pay for a destination
+   broker far away (`[amqp_out]` across a WAN), where the wait is the network's. What did pay: no
+   Task for a batch with one destination, so its write goes out before the loop reads the next
+   deliveries (relay 6,473 -> 7,413 msg/s, same runs, ahead in all three).
+4. **More cores**: at ~48 + ~39 + ~4 us per message across the worker, RabbitMQ and Redis, two
    cores top out near 20,000 msg/s whatever the worker does. Past that, more workers (per-queue
    order is then per worker; see the README).
 """
@@ -134,12 +151,17 @@ What is left to take, if it is ever worth it:
 
 VARIATION = """## Run-to-run variation
 
-This machine is shared and its speed moves between invocations: on the day of the figures above
-(I/O wait near 50 % while the brokers persist), the same peers ran about half as fast as in an
-earlier invocation (ack-only ceiling 11,665 -> 5,849 msg/s, naive bridge 3,194 -> 1,866, Shovel
-9,704 -> 7,106), which is why only ratios from one invocation are compared. Latency moves most:
-the same latency workload run back to back on the code before and after the new consuming
-client gave p99 of 16.8 / 17.7 / 19.8 ms (before) and 11.2 / 17.5 / 20.2 ms (after), p50 7.6-8.0
-and 6.0-6.6 ms, against 9.0-10.0 ms p99 in a quieter invocation: at 2,000 msg/s the worker adds
-the 5 ms batch deadline and ~1 ms; the rest of the tail is the broker and the machine.
+This machine is shared and its speed moves within an hour, not only between days: on the day of
+the figures above, comparisons of the relay and the Shovel run minutes apart (medians of 2 to 4
+rounds) gave the Shovel 8,124, 9,254, 6,813 and 7,811 msg/s (single runs from 6,186 to 10,365)
+and the relay 5,980 to 7,413 (single runs 5,417 to 7,733); the ack-only ceiling ran at
+5,025-7,100 against 11,665 in the first session's invocation. Only ratios from one invocation
+are compared, and even those spread: 0.74, 0.81 and 1.04 for the relay in the three rounds above.
+Latency moves with the broker's load: the latency workload run back to back on the code at the
+start and at the end of this session gave p99 11.1 / 12.3 / 11.2 ms (start) and 10.9 / 11.7 /
+10.9 ms (end), an hour after three 10-second runs of the starting code had given 9.7 / 9.1 /
+9.7 ms; 9.0-10.0 ms in a quieter invocation of an earlier session. At 2,000 msg/s
+the worker adds the 5 ms batch deadline and about a millisecond (measured inside the worker:
+a message arrives 0.55 ms p50 after its publish, and a batch's XADDs are answered 1.2 ms p50
+after its flush starts); the rest of the tail is the broker, the reader and the machine.
 """
