@@ -102,9 +102,9 @@ class Metrics:
 class BatchHistogram:
     """A histogram observed a batch at a time, exported like prometheus_client's own.
 
-    ``Histogram.observe`` takes a lock and walks the buckets for every value: one observation per
-    acked message was ~8 % of the relay's CPU. Here a batch is counted locally and added under one
-    lock; the sidecar thread reads a copy under the same lock.
+    ``Histogram.observe`` takes a lock and walks the buckets for every value: 1.5 us per acked
+    message, against 0.3 us here, where a batch is counted locally and added under one lock. The
+    sidecar thread reads a copy under the same lock.
     """
 
     def __init__(
