@@ -49,7 +49,11 @@ HOW_TIMED = """## How each figure was timed
 - **CPU per message**: user + system CPU of the peer process (psutil), and of RabbitMQ (`beam`)
   and `redis-server`, between the first delivery and the end of the drain, divided by the
   messages. The brokers are shared with whatever else runs on the machine, so their columns
-  include other clients' work when the machine is busy; the peer's column is its own.
+  include other clients' work when the machine is busy; the peer's column is its own. In
+  brackets after RabbitMQ's figure: the part spent on the Erlang VM's dirty CPU schedulers (the
+  garbage collection of large heaps, such as a queue holding a backlog), read per thread from
+  `/proc`. **RabbitMQ cores busy**: its CPU seconds over the drain's seconds, to set against the
+  machine's two (it includes the schedulers' busy-waiting, so it reads high, never low).
   **Peak RSS**: psutil, every 50 ms, over the process's whole life.
 - **Same conditions**: prefetch 1,000 for every consumer (message-proxy's default; the Shovel's
   `src-prefetch-count`), uvloop for every Python peer (message-proxy uses it when installed),

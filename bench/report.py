@@ -101,6 +101,19 @@ def _cpu(runs: list[dict[str, Any]], part: str) -> float:
     return median([r["cpu_us_per_msg"][part] for r in runs])
 
 
+def _gc_share(runs: list[dict[str, Any]]) -> str:
+    """The dirty-CPU (garbage collection) part of RabbitMQ's CPU, where the run measured it."""
+    if not all("rabbitmq_gc" in r["cpu_us_per_msg"] for r in runs):
+        return ""
+    return f" ({_cpu(runs, 'rabbitmq_gc'):.0f})"
+
+
+def _cores(runs: list[dict[str, Any]]) -> str:
+    if not all("rabbitmq_cores" in r for r in runs):
+        return "-"
+    return f"{median([r['rabbitmq_cores'] for r in runs]):.2f}"
+
+
 def _problems(runs: list[dict[str, Any]]) -> list[str]:
     return [p for r in runs for p in r.get("problems", [])]
 
@@ -114,7 +127,8 @@ def drain_rows(runs: dict[str, list[dict[str, Any]]], top: str) -> list[list[str
                 f"{median([r['rate'] for r in peer_runs]):,.0f}",
                 "-" if peer == top else f"{paired_ratio(runs, top, peer):.2f}x",
                 f"{_cpu(peer_runs, 'peer'):.0f}",
-                f"{_cpu(peer_runs, 'rabbitmq'):.0f}",
+                f"{_cpu(peer_runs, 'rabbitmq'):.0f}" + _gc_share(peer_runs),
+                _cores(peer_runs),
                 f"{_cpu(peer_runs, 'redis'):.0f}",
                 f"{median([r['peak_rss_mb'] for r in peer_runs]):.0f}" if peer != SHOVEL else "-",
                 _rates(peer_runs),
@@ -128,7 +142,8 @@ DRAIN_HEADER = [
     "msg/s (median)",
     "message-proxy / peer",
     "peer CPU us/msg",
-    "RabbitMQ CPU us/msg",
+    "RabbitMQ CPU us/msg (of it GC)",
+    "RabbitMQ cores busy",
     "Redis CPU us/msg",
     "peak RSS MB",
     "every run, msg/s",
