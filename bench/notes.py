@@ -115,16 +115,16 @@ the 500 publishes through one channel into one queue process and confirms them (
 persistent messages while the source queue is being drained), the worker acks, and only then
 does the next batch go out. Measured during 100,000-message drains (`rabbitmq-diagnostics
 runtime_thread_stats`, `vmstat`): RabbitMQ's two schedulers ~30 % busy under the relay against
-~60 % under the Shovel, its two dirty CPU schedulers (garbage collection of the two queue
-processes, whose heaps hold the backlogs, 80-140 MB each) 15-45 % busy each under the relay and
-~21 % under the Shovel, and the machine a third idle under the relay, a fifth under the Shovel.
+~60 % under the Shovel, and the machine a third idle under the relay, a fifth under the Shovel.
+Garbage collection of the two queue processes, whose heaps hold the backlogs (80-140 MB each),
+is ~70 us of RabbitMQ's CPU per message under both (the table above).
 A bare publisher (no consumer running) gets ~14,000 persistent msg/s through the same path
 whether it waits for each batch of 500 to be confirmed or keeps 1,000 unconfirmed: the broker's
 path into one queue is serial, so a second batch in flight does not shorten it (below). Not
 settled: why the Shovel gets more through the same path. Its steady flow of single publishes
-may suit the queue processes better than bursts of 500 (their garbage collection costs less per
-message under it), but smaller batches with more of them in flight (100 x 10, 50 x 20) did not
-gain when measured in an earlier session, so it is not simply the size of the bursts.
+may suit the queue processes better than bursts of 500, but smaller batches with more of them in
+flight (100 x 10, 50 x 20) did not gain when measured in an earlier session, so it is not simply
+the size of the bursts.
 
 **Beyond the ack-only ceiling.** message-proxy now forwards every message to Redis faster than
 a plain aio-pika consumer that only acks: the ceiling pays aio-pika's receive path (pamqp's
@@ -148,9 +148,9 @@ What is left to take, if it is ever worth it:
    broker far away (`[amqp_out]` across a WAN), where the wait is the network's. What did pay: no
    Task for a batch with one destination, so its write goes out before the loop reads the next
    deliveries (relay 6,473 -> 7,413 msg/s, same runs, ahead in all three).
-4. **More cores**: at ~48 + ~39 + ~4 us per message across the worker, RabbitMQ and Redis, two
-   cores top out near 20,000 msg/s whatever the worker does. Past that, more workers (per-queue
-   order is then per worker; see the README).
+4. **More cores**: at ~50-65 + ~40-47 + ~5 us per message across the worker, RabbitMQ and Redis,
+   two cores top out near 17,000-20,000 msg/s whatever the worker does. Past that, more workers
+   (per-queue order is then per worker; see the README).
 """
 
 
@@ -161,7 +161,8 @@ the figures above, comparisons of the relay and the Shovel run minutes apart (me
 rounds) gave the Shovel 8,124, 9,254, 6,813 and 7,811 msg/s (single runs from 6,186 to 10,365)
 and the relay 5,980 to 7,413 (single runs 5,417 to 7,733); the ack-only ceiling ran at
 5,025-7,100 against 11,665 in the first session's invocation. Only ratios from one invocation
-are compared, and even those spread: 0.74, 0.81 and 1.04 for the relay in the three rounds above.
+are compared, and even those spread: 0.75, 0.96 and 0.93 for the relay in the three rounds
+above, 0.74, 0.81 and 1.04 in an invocation an hour earlier.
 Latency moves with the broker's load: the latency workload run back to back on the code at the
 start and at the end of this session gave p99 11.1 / 12.3 / 11.2 ms (start) and 10.9 / 11.7 /
 10.9 ms (end), an hour after three 10-second runs of the starting code had given 9.7 / 9.1 /

@@ -432,9 +432,9 @@ def document(results: dict[str, Any], png_name: str) -> str:
         out.append(
             f"\n## 2. Drain {settings['messages']:,} messages: AMQP -> AMQP exchange\n\n"
             "The Shovel runs inside RabbitMQ, so its CPU is counted in RabbitMQ's column. "
-            "RabbitMQ spends about as much CPU per message on the relay as on the Shovel with "
-            "the Shovel's own work included; the relay's own CPU comes on top, out of the same "
-            "two cores. Neither saturates them: the relay is held by the cycle of one batch "
+            "RabbitMQ spends no more CPU per message on the relay than on the Shovel, whose own "
+            "work is inside it; the relay's own CPU comes on top, out of the same two cores. "
+            "Neither saturates them (cores busy): the relay is held by the cycle of one batch "
             "(publish 500, wait for RabbitMQ to confirm them, ack, send the next), which more "
             "batches in flight did not shorten (see the profile).\n"
         )
