@@ -60,7 +60,7 @@ def _unmarshal_three(data: bytes) -> None:
 
 def _decoded(data: bytes) -> Any:
     """What the source's client does with one delivery's bytes, up to the ``Message``."""
-    from proxy import amqp_wire as wire
+    from proxy.amqp import frames as wire
     from proxy.message import EMPTY_HEADERS, Message
 
     head = wire.FRAME_HEAD.unpack_from
@@ -114,12 +114,12 @@ def measure(count: int = 1_000, repeat: int = 25) -> dict[str, float]:
     from prometheus_client import CollectorRegistry, Histogram
     from redis.asyncio.connection import Connection
 
+    from proxy.amqp.consumer import Delivery
     from proxy.config import parse_config
     from proxy.encoding import entry_fields
     from proxy.message import Message
     from proxy.metrics import LATENCY_BUCKETS, Metrics
     from proxy.routing import Router
-    from proxy.source import Delivery
 
     raw, delivered = _deliveries(count)
     config = parse_config(

@@ -99,8 +99,8 @@ PROFILE = """## Profile: where the time per message goes
 
 - **~45 %: the Redis sink.** Packing the batch's XADDs as one RESP buffer (~15 %), reading the
   replies (~15 %), encoding each message's entry fields (~7 %), the timeout around the round trip.
-- **~35 %: receiving**, in message-proxy's own consuming client (`proxy/amqp_client.py`): cutting
-  frames, decoding `basic.deliver` and the content header by hand (the header table and the
+- **~35 %: receiving**, in message-proxy's own consuming client (`proxy/amqp/connection.py`):
+  cutting frames, decoding `basic.deliver` and the content header by hand (the header table and the
   properties are most of it), building the `Message`. ~10 us per message measured alone (hot-path
   table), against ~23 us for pamqp's decoder alone and ~30 us for the whole of aiormq's receive
   path (its frame reader, two asyncio queues and a Task per delivery), which this client replaced.

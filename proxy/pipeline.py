@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
+from proxy.amqp.consumer import Delivery, Settler
 from proxy.backoff import Backoff
 from proxy.config import BatchSettings, DeadLetter
 from proxy.encoding import DeadLetterInfo
@@ -26,7 +27,6 @@ from proxy.message import Message
 from proxy.metrics import Metrics
 from proxy.routing import Rejected, Routed, Router, StreamTarget, Target, compile_destination
 from proxy.sinks import Accepted, Outcome, Publish, Sink
-from proxy.source import Delivery, Settler
 from proxy.state import HealthState
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from proxy.amqp.consumer import AmqpSource
 from proxy.config import Config, StreamDestination
 from proxy.errors import ConfigError, TransientError
 from proxy.metrics import Metrics
 from proxy.pipeline import DeadLetterDestination, Pipeline
 from proxy.routing import ExchangeTarget, Router, StreamTarget, Target
 from proxy.sinks import Sink
-from proxy.source import AmqpSource
 from proxy.state import HealthState
 from proxy.timeouts import bounded
 

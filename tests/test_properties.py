@@ -16,7 +16,7 @@ import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.amqp_wire import lenient_timestamp
+from proxy.amqp.frames import lenient_timestamp
 from proxy.config import Config, parse_config
 from proxy.encoding import DeadLetterInfo, dead_letter_fields, entry_fields
 from proxy.errors import ConfigError

@@ -8,13 +8,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from proxy.amqp.consumer import Delivery
 from proxy.config import BatchSettings, parse_config
 from proxy.message import Message
 from proxy.metrics import Metrics
 from proxy.pipeline import DeadLetterDestination, Pipeline
 from proxy.routing import Router, StreamTarget
 from proxy.sinks import Sink
-from proxy.source import Delivery
 from proxy.state import HealthState
 
 

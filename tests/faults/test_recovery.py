@@ -8,11 +8,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from proxy.amqp.consumer import Delivery
 from proxy.errors import TransientError
 from proxy.message import Message
 from proxy.sinks import Outcome, Publish
 from proxy.sinks.memory import MemorySink
-from proxy.source import Delivery
 from proxy.state import HealthState
 from tests.faults.fakes import FakeChannel, flush, pipeline_for, submit
 

@@ -1,6 +1,6 @@
 """The AMQP source: connect, declare, consume; reconnect with backoff when the connection is lost.
 
-The connection is ``amqp_client``'s, built for this: deliveries are decoded by hand and handed
+The connection is ``connection``'s, built for this: deliveries are decoded by hand and handed
 to the pipeline synchronously, with no Task and no queue per message. The reconnect loop is ours,
 so that a lost consumer is seen (readiness turns false) and re-created, never silently gone.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.amqp_client import AmqpConnection, Consumer, Endpoint
+from proxy.amqp.connection import AmqpConnection, Consumer, Endpoint
 from proxy.backoff import Backoff
 from proxy.config import AmqpSettings, Source, display_url
 from proxy.message import EMPTY_HEADERS, Message

@@ -14,7 +14,7 @@ from pamqp import commands as spec
 from pamqp import frame
 from pamqp.header import ContentHeader
 
-from proxy import amqp_wire as wire
+from proxy.amqp import frames as wire
 from proxy.message import HOPS_HEADER, Message
 from proxy.sinks.amqp_exchange import content_header, message_properties, publish_header
 from tests.test_properties import SETTINGS, headers

@@ -15,8 +15,8 @@ import pytest
 from pamqp import commands as spec
 from pamqp import frame
 
-from proxy import amqp_wire
-from proxy.amqp_client import AmqpConnection, Endpoint
+from proxy.amqp import frames
+from proxy.amqp.connection import AmqpConnection, Endpoint
 from proxy.errors import AmqpError
 from tests.helpers import (
     AMQP_URL,
@@ -198,7 +198,7 @@ async def test_a_delivery_for_a_cancelled_consumer_is_given_back_not_left_unsett
     written.data = b""
     connection.data_received(deliver_frames("gone", 9, good_header, b"x"))
     assert received.items == []
-    assert written.data == amqp_wire.reject_frame(1, 9, requeue=True)
+    assert written.data == frames.reject_frame(1, 9, requeue=True)
 
 
 def _depth_is(queue: str, depth: int) -> Any:

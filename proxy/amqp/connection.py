@@ -4,7 +4,7 @@ The source's cost per message is the client library's, not ours: aiormq reads ev
 through a stream reader, a lock and a queue, decodes it with pamqp's general decoder and starts
 a Task per delivery (~30 us of the stream bridge's ~85 us per message). This client is an
 ``asyncio.Protocol``: ``data_received`` cuts the bytes into frames, decodes a delivery's three
-frames by hand (``amqp_wire``) and hands the message to the consumer's callback synchronously.
+frames by hand (``frames``) and hands the message to the consumer's callback synchronously.
 Acks and rejects are single writes. Everything else (handshake, qos, declarations, consume,
 cancel, close) is a plain request and reply, one at a time.
 
@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pamqp import commands as spec
 from pamqp.base import Frame
 
-from proxy import amqp_wire as wire
+from proxy.amqp import frames as wire
 from proxy.errors import AmqpError
 
 log = logging.getLogger(__name__)
