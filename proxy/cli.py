@@ -1,4 +1,4 @@
-"""``message-proxy run | check | route`` (CONTRACT.md section 7).
+"""``message-proxy run | check | route | schema``: the command line.
 
 Exit codes: 0 clean stop, 2 usage or config error, 1 fatal runtime error.
 """
@@ -55,6 +55,10 @@ def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
     route.add_argument("--message-id", default=None)
     route.add_argument("--body", default="", help="the body, or @FILE to read it from a file")
     route.add_argument("--json", action="store_true", help="print the result as JSON")
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
+    schema.add_argument(
+        "--markdown", action="store_true", help="print the config reference (docs/CONFIG.md)"
+    )
     return parser
 
 
@@ -64,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": lambda a: run_worker(_load(a), role="all"),
         "check": lambda a: check(_load(a)),
         "route": lambda a: dry_run(_load(a), a),
+        "schema": print_schema,
     }
     return _guarded(lambda: commands[args.command](args))
 
@@ -183,6 +188,16 @@ def check(config: Config) -> int:
         print("dead letters -> rejected without requeue (the queue's own DLX applies)")
     print(f"unrouted: {config.unrouted}")
     print("config OK")
+    return EXIT_OK
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+def print_schema(args: argparse.Namespace) -> int:
+    from proxy.configdoc import markdown, schema_text
+
+    sys.stdout.write(markdown() if args.markdown else schema_text())
     return EXIT_OK
 
 

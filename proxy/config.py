@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -83,13 +84,71 @@ def display_url(url: SecretStr) -> str:
 
 
 class AmqpSettings(Frozen):
-    url: SecretStr = SecretStr(DEFAULT_AMQP_URL)
-    prefetch: int = Field(1000, ge=1, le=65535)
-    connect_timeout: float = Field(10.0, gt=0)
-    publish_timeout: float = Field(10.0, gt=0)
+    """The RabbitMQ connection: where the worker consumes from, and publishes to unless
+    ``[amqp_out]`` names another broker."""
+
+    url: SecretStr = Field(
+        SecretStr(DEFAULT_AMQP_URL),
+        description=(
+            "The broker's URL: `amqp://user:password@host:port/vhost`, or `amqps://` for TLS "
+            "(port 5671 by default). The vhost is URL-encoded: `%2F` is the default vhost `/`. "
+            "Query keys: `heartbeat` (seconds, overrides `heartbeat` below), and for `amqps`: "
+            "`cafile` (CA bundle to verify the broker with; the system's CAs otherwise), "
+            "`capath` (a directory of CA certificates), `certfile` and `keyfile` (a client "
+            "certificate for mutual TLS), `no_verify_ssl=1` (skip verification: testing only). "
+            "The files must exist when the worker starts. The password is a secret: it is "
+            "masked in logs, errors and `check` output."
+        ),
+        examples=[
+            "amqp://app:secret@rabbit.internal:5672/%2F",
+            "amqps://app:secret@rabbit.internal:5671/prod?cafile=/etc/ssl/rabbit-ca.pem",
+        ],
+    )
+    prefetch: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description=(
+            "How many unacked deliveries RabbitMQ may send ahead (`basic.qos`), shared across "
+            "the sources: each source's consumer gets `prefetch / number of sources` (at least "
+            "1). It bounds the worker's memory and the work redelivered after a crash; keep it "
+            "at least twice `batch.max_messages` so a batch can fill while the last one is "
+            "written."
+        ),
+        examples=[2000],
+    )
+    connect_timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds allowed to connect, open the channel, declare and start consuming; a step "
+            "slower than this is abandoned and retried with backoff."
+        ),
+        examples=[5],
+    )
+    publish_timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds to wait for RabbitMQ to confirm a batch published to an exchange "
+            "destination; slower is treated like a lost connection: the batch is held and "
+            "published again with backoff."
+        ),
+        examples=[30],
+    )
     # A broker that stops answering is only noticed through missed heartbeats (after about three
     # intervals); RabbitMQ's default of 60 s would leave a hung connection unnoticed for minutes.
-    heartbeat: int = Field(10, ge=0, le=600)
+    heartbeat: int = Field(
+        10,
+        ge=0,
+        le=600,
+        description=(
+            "AMQP heartbeat interval in seconds, proposed to the broker; a connection that stays "
+            "silent for about three intervals is treated as lost and reconnected. 0 turns "
+            "heartbeats off. A `heartbeat` in the URL wins over this key."
+        ),
+        examples=[30],
+    )
 
     @field_validator("url")
     @classmethod
@@ -111,8 +170,32 @@ class AmqpSettings(Frozen):
 
 
 class RedisSettings(Frozen):
-    url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
-    timeout: float = Field(5.0, gt=0)
+    """The Redis server that stream destinations (and a stream dead-letter destination) write
+    to. Only read when some destination is a stream."""
+
+    url: SecretStr = Field(
+        SecretStr(DEFAULT_REDIS_URL),
+        description=(
+            "The server's URL: `redis://[user:password@]host:port/db`, `rediss://` for TLS, or "
+            "`unix:///path/to/redis.sock`. For `rediss`, redis-py's query keys apply: "
+            "`ssl_ca_certs` (CA bundle), `ssl_certfile` and `ssl_keyfile` (client certificate), "
+            "`ssl_cert_reqs=none` (skip verification: testing only). The password is a secret: "
+            "it is masked in logs, errors and `check` output."
+        ),
+        examples=[
+            "redis://:secret@redis.internal:6379/0",
+            "rediss://default:secret@redis.internal:6380/0?ssl_ca_certs=/etc/ssl/redis-ca.pem",
+        ],
+    )
+    timeout: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "Seconds allowed to connect and for one batch's round trip; slower is treated like "
+            "a lost connection: the batch is held and written again with backoff."
+        ),
+        examples=[2],
+    )
 
     @field_validator("url")
     @classmethod
@@ -121,27 +204,113 @@ class RedisSettings(Frozen):
 
 
 class HealthSettings(Frozen):
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
+    """The HTTP sidecar: `/health` (liveness), `/ready` (readiness) and `/metrics`."""
+
+    host: str = Field(
+        "0.0.0.0",
+        description="Address the sidecar listens on; `127.0.0.1` keeps it off the network.",
+        examples=["127.0.0.1"],
+    )
+    port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="TCP port of the sidecar; 0 picks a free port (useful in tests).",
+        examples=[9100],
+    )
 
 
 class BatchSettings(Frozen):
-    max_messages: int = Field(500, ge=1, le=100_000)
-    max_delay_ms: float = Field(5, ge=0, le=60_000)
+    """How deliveries are grouped: one batch is written at a time, with one round trip per
+    destination broker, and acked with one `basic.ack`."""
+
+    max_messages: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="A batch is written as soon as it holds this many deliveries...",
+        examples=[1000],
+    )
+    max_delay_ms: float = Field(
+        5,
+        ge=0,
+        le=60_000,
+        description=(
+            "...or when its oldest delivery has waited this many milliseconds. Lower means less "
+            "latency, higher means fewer, larger writes under a light load."
+        ),
+        examples=[20],
+    )
 
 
 class Binding(Frozen):
-    exchange: str = Field(min_length=1)
-    routing_key: str = "#"
-    exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    """One binding of a source queue to an exchange, made at start when the source has
+    `declare = true`."""
+
+    exchange: str = Field(
+        min_length=1,
+        description="The exchange to bind the queue to; declared durable if it does not exist.",
+        examples=["app"],
+    )
+    routing_key: str = Field(
+        "#",
+        description=(
+            "The binding key: for a topic exchange a pattern (`*` one word, `#` zero or more "
+            "words); for a direct exchange the exact key; ignored by fanout and headers "
+            "exchanges."
+        ),
+        examples=["order.#"],
+    )
+    exchange_type: Literal["topic", "direct", "fanout", "headers"] = Field(
+        "topic",
+        description=(
+            "The type the exchange is declared with; it must match the type of an exchange that "
+            "already exists (RabbitMQ refuses a declaration that differs)."
+        ),
+        examples=["fanout"],
+    )
 
 
 class Source(Frozen):
-    queue: str = Field(min_length=1)
-    declare: bool = True
-    arguments: dict[str, Any] = Field(default_factory=dict)
-    bindings: tuple[Binding, ...] = ()
-    single_active_consumer: bool = False
+    """One RabbitMQ queue the worker consumes, with manual acks."""
+
+    queue: str = Field(
+        min_length=1,
+        description="The queue to consume from; also what `match.queue` and `{queue}` see.",
+        examples=["events"],
+    )
+    declare: bool = Field(
+        True,
+        description=(
+            "Declare the queue (durable, with `arguments`) and its `bindings` at start. With "
+            "`false` the queue must already exist, and `arguments`, `bindings` and "
+            "`single_active_consumer` are not applied."
+        ),
+        examples=[False],
+    )
+    arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Queue arguments for the declaration, e.g. `x-queue-type`, `x-dead-letter-exchange`, "
+            "`x-max-length`. They must match an existing queue's, or RabbitMQ refuses the "
+            "declaration (`PRECONDITION_FAILED`)."
+        ),
+        examples=[{"x-queue-type": "quorum", "x-dead-letter-exchange": "events-dlx"}],
+    )
+    bindings: tuple[Binding, ...] = Field(
+        (),
+        description="Exchanges to bind the queue to when it is declared.",
+        examples=[[{"exchange": "app", "routing_key": "order.#"}]],
+    )
+    single_active_consumer: bool = Field(
+        False,
+        description=(
+            "Declare the queue with `x-single-active-consumer`: of several workers on the queue "
+            "one consumes and the others stand by, which keeps the queue's order across "
+            "replicas. Only applies when the worker declares the queue."
+        ),
+        examples=[True],
+    )
 
     def queue_arguments(self) -> dict[str, Any]:
         arguments = dict(self.arguments)
@@ -157,10 +326,39 @@ def _template(value: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+TEMPLATE_HELP = (
+    "A template: placeholders such as `{routing_key}`, `{routing_key.1}`, `{headers.tenant}` "
+    "take the message's values."
+)
+
+
 class StreamDestination(Frozen):
-    stream: str
-    maxlen: int | None = Field(None, ge=1)
-    dedupe: bool = False
+    """A Redis stream: one `XADD` per message, the body and the message's routing facts and
+    properties as the entry's fields."""
+
+    stream: str = Field(
+        description=f"The stream's key. {TEMPLATE_HELP}",
+        examples=["orders:{routing_key.1}"],
+    )
+    maxlen: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Trim the stream to about this many entries on every write (`MAXLEN ~`: Redis trims "
+            "whole nodes, so a little more may remain). Without it the stream grows until "
+            "something else trims it."
+        ),
+        examples=[100000],
+    )
+    dedupe: bool = Field(
+        False,
+        description=(
+            "Write each `message_id` at most once to this stream within `[dedupe] window`, "
+            "however often RabbitMQ redelivers it. Messages without a `message_id` are written "
+            "as usual (counted by `dedupe_skipped_total`)."
+        ),
+        examples=[True],
+    )
 
     @field_validator("stream")
     @classmethod
@@ -169,8 +367,21 @@ class StreamDestination(Frozen):
 
 
 class ExchangeDestination(Frozen):
-    exchange: str
-    routing_key: str = "{routing_key}"
+    """An AMQP exchange: published mandatory and publisher-confirmed, body and properties
+    unchanged."""
+
+    exchange: str = Field(
+        description=(
+            f"The exchange to publish to; `\"\"` is the default exchange, which routes by "
+            f"queue name. {TEMPLATE_HELP}"
+        ),
+        examples=["audit"],
+    )
+    routing_key: str = Field(
+        "{routing_key}",
+        description=f"The routing key to publish with. {TEMPLATE_HELP}",
+        examples=["audit.{queue}"],
+    )
 
     @field_validator("exchange")
     @classmethod
@@ -209,12 +420,60 @@ Destination = Annotated[
 
 
 class Match(Frozen):
-    routing_key: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    content_type: str | None = None
-    json_fields: dict[str, Any] = Field(default_factory=dict, alias="json")
-    queue: str | None = None
-    plugin: str | None = None
+    """What a message must look like for its route to take it. Every key given must hold (AND);
+    a route without `match` takes every message."""
+
+    routing_key: str | None = Field(
+        None,
+        description=(
+            "An AMQP topic pattern over the routing key: words are separated by `.`, `*` "
+            "matches exactly one word, `#` zero or more."
+        ),
+        examples=["order.*"],
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Header name -> value. `\"*\"` means the header is present; any other value must "
+            "equal the header's text (numbers and booleans compare as their text, e.g. "
+            "`\"42\"`, `\"true\"`)."
+        ),
+        examples=[{"tenant": "*", "x-region": "eu"}],
+    )
+    content_type: str | None = Field(
+        None,
+        description=(
+            "The message's `content_type` property, compared without parameters and case "
+            "(`application/json; charset=utf-8` matches `application/json`)."
+        ),
+        examples=["application/json"],
+    )
+    json_fields: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="json",
+        description=(
+            "Dotted path into the body -> exact value (strings, numbers, booleans; `1` does not "
+            "match `true`). The body must be a JSON object: any other body is dead-lettered "
+            "with reason `not-json`, so give such routes a `routing_key` or `content_type` "
+            "match too, to keep other messages away from them."
+        ),
+        examples=[{"type": "order.created", "customer.tier": "gold"}],
+    )
+    queue: str | None = Field(
+        None,
+        description="The name of the source queue the message came from.",
+        examples=["events"],
+    )
+    plugin: str | None = Field(
+        None,
+        description=(
+            "`module:function`: an importable callable that takes the message and returns true "
+            "to match. Imported at start (an import error is a config error); an exception it "
+            "raises dead-letters that message with reason `plugin-error`. It runs after the "
+            "other checks, on the worker's event loop: keep it fast and free of I/O."
+        ),
+        examples=["mypkg.rules:is_vip"],
+    )
 
     @field_validator("plugin")
     @classmethod
@@ -227,17 +486,75 @@ class Match(Frozen):
 
 
 class Route(Frozen):
-    name: str = Field(min_length=1)
-    match: Match = Match()
-    continue_: bool = Field(False, alias="continue")
-    to: tuple[Destination, ...] = Field(min_length=1)
+    """One route rule. Routes are tried in file order; the first that matches takes the message,
+    unless it says `continue = true`."""
+
+    name: str = Field(
+        min_length=1,
+        description=(
+            "Unique name of the route: the `route` label of `messages_published_total` and the "
+            "`route` field of dead-letter entries."
+        ),
+        examples=["orders"],
+    )
+    match: Match = Field(
+        Match(),
+        description="The conditions; leave it out to take every message.",
+        examples=[{"routing_key": "order.*", "headers": {"tenant": "*"}}],
+    )
+    continue_: bool = Field(
+        False,
+        alias="continue",
+        description=(
+            "After this route matched, try the routes below it too: the message goes to the "
+            "destinations of every matching route (fan-out across routes)."
+        ),
+        examples=[True],
+    )
+    to: tuple[Destination, ...] = Field(
+        min_length=1,
+        description=(
+            "Where the message goes: one or more destinations, each a Redis stream "
+            "(`{ stream = ... }`) or an AMQP exchange (`{ exchange = ... }`). The message is "
+            "acked only once every one of them accepted it."
+        ),
+        examples=[[{"stream": "orders:{routing_key.1}"}, {"exchange": "audit"}]],
+    )
 
 
 class DeadLetter(Frozen):
-    stream: str | None = None
-    maxlen: int | None = Field(None, ge=1)
-    exchange: str | None = None
-    routing_key: str = "{routing_key}"
+    """Where messages that cannot be delivered go, with the reason: a Redis stream or an AMQP
+    exchange (set exactly one of `stream` and `exchange`). Without this table such a message is
+    rejected without requeue, so the queue's own dead-letter exchange, if it has one, applies."""
+
+    stream: str | None = Field(
+        None,
+        description=(
+            "The dead-letter stream: entries carry the message's fields plus `error`, `detail`, "
+            f"`route` and `failed_at`. {TEMPLATE_HELP}"
+        ),
+        examples=["message-proxy:dead-letter"],
+    )
+    maxlen: int | None = Field(
+        None,
+        ge=1,
+        description="Trim the dead-letter stream to about this many entries (`MAXLEN ~`).",
+        examples=[1000000],
+    )
+    exchange: str | None = Field(
+        None,
+        description=(
+            "The dead-letter exchange: the message is published unchanged plus the headers "
+            "`x-message-proxy-error`, `x-message-proxy-detail`, `x-message-proxy-route` and "
+            f"`x-message-proxy-failed-at`. {TEMPLATE_HELP}"
+        ),
+        examples=["dead-letter"],
+    )
+    routing_key: str = Field(
+        "{routing_key}",
+        description=f"With `exchange`: the routing key to publish with. {TEMPLATE_HELP}",
+        examples=["{queue}"],
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> DeadLetter:
@@ -256,10 +573,27 @@ class DeadLetter(Frozen):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "exclusiveMinimum": 0},
+        {"type": "string", "pattern": _DURATION.pattern, "title": "duration string"},
+    ]
+}
 
 
 class DedupeSettings(Frozen):
-    window: float = Field(86400.0, gt=0)
+    """How long stream destinations with `dedupe = true` remember a `message_id`."""
+
+    window: Annotated[float, WithJsonSchema(DURATION_SCHEMA)] = Field(
+        86400.0,
+        gt=0,
+        description=(
+            "A duration: a number of seconds, or a string like `\"24h\"`, `\"30m\"`, `\"90s\"`, "
+            "`\"500ms\"`, `\"7d\"`. A redelivery later than this is written again. Redis keeps "
+            "about 100 bytes per remembered id: budget the message rate times the window."
+        ),
+        examples=["24h"],
+    )
 
     @field_validator("window", mode="before")
     @classmethod
@@ -272,20 +606,102 @@ class DedupeSettings(Frozen):
         return value
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Config(Frozen):
-    unrouted: Literal["dead-letter", "drop"] = "dead-letter"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    shutdown_timeout: float = Field(10.0, gt=0)
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    amqp: AmqpSettings = AmqpSettings()
-    amqp_out: AmqpSettings | None = None
-    redis: RedisSettings = RedisSettings()
-    health: HealthSettings = HealthSettings()
-    batch: BatchSettings = BatchSettings()
-    dedupe: DedupeSettings = DedupeSettings()
-    sources: tuple[Source, ...] = Field(min_length=1)
-    routes: tuple[Route, ...] = Field(min_length=1)
-    dead_letter: DeadLetter | None = None
+    """A worker's configuration file (TOML). `[[sources]]` and `[[routes]]` are required;
+    everything else has a default."""
+
+    unrouted: Literal["dead-letter", "drop"] = Field(
+        "dead-letter",
+        description=(
+            "What happens to a message no route takes: `\"dead-letter\"` (reason `unrouted`) or "
+            "`\"drop\"` (acked and counted by `messages_unrouted_total`, never written)."
+        ),
+        examples=["drop"],
+    )
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        WithJsonSchema({"enum": [*LOG_LEVELS, *(level.lower() for level in LOG_LEVELS)]}),
+    ] = Field(
+        "INFO",
+        description="The least severe log level written, in any case (`info` is `INFO`).",
+        examples=["DEBUG"],
+    )
+    shutdown_timeout: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds a worker stopped by SIGTERM or SIGINT spends writing and acking what it "
+            "already received; what is still unacked after it is redelivered by RabbitMQ. Keep "
+            "it below your orchestrator's grace period (`stop_grace_period`, "
+            "`terminationGracePeriodSeconds`)."
+        ),
+        examples=[25],
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description=(
+            "A message whose body is larger is not routed: it is dead-lettered with reason "
+            "`too-large` (a stream dead letter keeps only the first 1024 bytes of the body and "
+            "the full size in `body_size`)."
+        ),
+        examples=[1048576],
+    )
+    amqp: AmqpSettings = Field(
+        AmqpSettings(),
+        description="The RabbitMQ the worker consumes from (and publishes to by default).",
+        examples=[{"url": "amqp://app:secret@rabbit.internal:5672/%2F", "prefetch": 2000}],
+    )
+    amqp_out: AmqpSettings | None = Field(
+        None,
+        description=(
+            "Another RabbitMQ for the exchange destinations (and an exchange dead-letter "
+            "destination), e.g. to relay between clusters; the same keys as `[amqp]`. Without "
+            "it, exchange destinations are on the `[amqp]` broker."
+        ),
+        examples=[{"url": "amqps://relay:secret@rabbit.other-site:5671/%2F"}],
+    )
+    redis: RedisSettings = Field(
+        RedisSettings(),
+        description="The Redis that stream destinations write to.",
+        examples=[{"url": "redis://:secret@redis.internal:6379/0", "timeout": 2}],
+    )
+    health: HealthSettings = Field(
+        HealthSettings(),
+        description="Where the HTTP sidecar (health, readiness, metrics) listens.",
+        examples=[{"port": 9100}],
+    )
+    batch: BatchSettings = Field(
+        BatchSettings(),
+        description="When a batch of deliveries is written.",
+        examples=[{"max_messages": 1000, "max_delay_ms": 20}],
+    )
+    dedupe: DedupeSettings = Field(
+        DedupeSettings(),
+        description="The window of `dedupe = true` stream destinations.",
+        examples=[{"window": "24h"}],
+    )
+    sources: tuple[Source, ...] = Field(
+        min_length=1,
+        description="The queues to consume, one `[[sources]]` table each; at least one.",
+        examples=[[{"queue": "events", "bindings": [{"exchange": "app", "routing_key": "#"}]}]],
+    )
+    routes: tuple[Route, ...] = Field(
+        min_length=1,
+        description="The route rules, one `[[routes]]` table each, tried in file order.",
+        examples=[[{"name": "orders", "match": {"routing_key": "order.*"},
+                    "to": [{"stream": "orders:{routing_key.1}", "maxlen": 100000}]}]],
+    )
+    dead_letter: DeadLetter | None = Field(
+        None,
+        description=(
+            "Where undeliverable messages go; without it they are rejected without requeue."
+        ),
+        examples=[{"stream": "message-proxy:dead-letter", "maxlen": 1000000}],
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
