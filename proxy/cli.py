@@ -113,6 +113,7 @@ def run_worker(config: Config, *, role: str) -> int:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry, role=role, version=__version__)
     health = HealthState()
+    metrics.ready.follow(lambda: health.snapshot().is_ready())
     sidecar = Sidecar(
         host=config.health.host, port=config.health.port, state=health, registry=registry
     )

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 PREFIX = "message_proxy"
@@ -97,6 +97,33 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=version, role=role).set(1)
+        self.ready = ReadinessGauge(
+            f"{PREFIX}_ready", "1 while GET /ready answers 200, else 0.", registry
+        )
+
+
+class ReadinessGauge:
+    """A gauge read from the worker's health snapshot when scraped, never set by the loop.
+
+    It cannot disagree with ``/ready`` at the moment of the scrape, and a dashboard gets readiness
+    as a series without having to probe the endpoint. 0 until ``follow`` names the source.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._is_ready: Callable[[], bool] = lambda: False
+        registry.register(self)
+
+    def follow(self, is_ready: Callable[[], bool]) -> None:
+        self._is_ready = is_ready
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        value = 1.0 if self._is_ready() else 0.0
+        yield GaugeMetricFamily(self._name, self._documentation, value=value)
 
 
 class BatchHistogram:

@@ -1,11 +1,13 @@
-"""The batch-observed latency histogram exports exactly what prometheus_client's would."""
+"""The metrics that are not plain prometheus_client ones: the batch-observed latency histogram
+exports exactly what prometheus_client's would; the readiness gauge reads the health snapshot."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from proxy.metrics import LATENCY_BUCKETS, BatchHistogram
+from proxy.metrics import LATENCY_BUCKETS, BatchHistogram, Metrics
+from proxy.state import HealthState
 
 NAME = "latency_seconds"
 
@@ -51,3 +53,24 @@ def test_batch_histogram_reads_back_through_the_registry() -> None:
     assert registry.get_sample_value(f"{NAME}_bucket", {"le": "+Inf"}) == 3
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         BatchHistogram(NAME, "doc", (0.5,), registry)  # one name, one collector
+
+
+def test_the_ready_gauge_reads_what_ready_answers_at_each_scrape() -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry, role="all", version="0")
+    assert registry.get_sample_value("message_proxy_ready") == 0  # nothing to follow yet
+
+    health = HealthState(clock=lambda: 0.0)
+    metrics.ready.follow(lambda: health.snapshot().is_ready())
+    health.expect_consumers(1)
+    health.set_broker("amqp", True)
+    assert registry.get_sample_value("message_proxy_ready") == 0  # not consuming yet
+
+    health.set_consumers(1)
+    assert registry.get_sample_value("message_proxy_ready") == 1
+    health.set_broker("redis", False, "ping timed out")
+    assert registry.get_sample_value("message_proxy_ready") == 0
+    health.set_broker("redis", True)
+    assert registry.get_sample_value("message_proxy_ready") == 1
+    health.stopping()
+    assert registry.get_sample_value("message_proxy_ready") == 0
