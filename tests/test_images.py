@@ -357,7 +357,7 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
 
 def test_compose_runs_every_service_with_a_healthcheck(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "redis", *WORKERS, "prometheus"}
+    assert set(services) == {"rabbitmq", "redis", *WORKERS, "prometheus", "grafana"}
     for name, service in services.items():
         check = service["healthcheck"]
         assert check["test"][0] == "CMD" and not check.get("disable"), name
