@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.config_errors import problems as validation_problems
 from proxy.errors import ConfigError
 from proxy.templates import Template
 
@@ -558,8 +559,14 @@ class DeadLetter(Frozen):
 
     @model_validator(mode="after")
     def _one_kind(self) -> DeadLetter:
-        if (self.stream is None) == (self.exchange is None):
-            raise ValueError("set exactly one of 'stream' or 'exchange'")
+        if self.stream is None and self.exchange is None:
+            raise ValueError("needs either a 'stream' or an 'exchange' key")
+        if self.stream is not None and self.exchange is not None:
+            raise ValueError("has both 'stream' and 'exchange'; keep one of them")
+        if self.exchange is not None and self.maxlen is not None:
+            raise ValueError("'maxlen' trims a dead-letter stream; an exchange has none")
+        if self.stream is not None and "routing_key" in self.model_fields_set:
+            raise ValueError("'routing_key' goes with a dead-letter exchange, not a stream")
         for value in (self.stream, self.exchange, self.routing_key):
             if value:
                 _template(value)
@@ -757,59 +764,32 @@ def apply_env_overrides(
             child = table.setdefault(part, {})
             if not isinstance(child, dict):
                 key = ".".join(path[: depth + 1])
-                raise ConfigError(key, f"{name} cannot override inside a non-table key")
+                variable = ENV_PREFIX + "__".join(path[: depth + 1]).upper()
+                raise ConfigError(
+                    key,
+                    f"{name} cannot set a key inside {key}, which is not a table "
+                    f"(an array can only be replaced whole, with {variable})",
+                )
             table = child
         table[path[-1]] = _env_value(environ[name])
         origins[path] = name
     return merged, origins
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    key = ""
-    for position, part in enumerate(loc):
-        after_destination_index = position >= 2 and loc[position - 2] in ("to",) and isinstance(
-            loc[position - 1], int
-        )
-        if after_destination_index and part in ("stream", "exchange"):
-            continue  # the discriminator tag, not a key the user wrote
-        if isinstance(part, int):
-            key += f"[{part}]"
-        else:
-            key += f".{part}" if key else str(part)
-    return key
-
-
-def _first_error(exc: ValidationError, origins: Mapping[tuple[str, ...], str]) -> ConfigError:
-    # Never echo the input: it may be a URL with a password in it.
-    error = exc.errors(include_input=False, include_url=False)[0]
-    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-    key = _key_path(loc) or "config"
-    problem = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        problem = "unknown key"
-    elif error["type"] == "missing":
-        problem = "required key is missing"
-    origin = origins.get(tuple(str(part) for part in loc))
-    if origin:
-        problem += f" (set by {origin})"
-    # A failed item also fails its container ("at least 1 item"): count only the leaf problems.
-    locs = [tuple(e["loc"]) for e in exc.errors(include_input=False)]
-    leaves = [a for a in locs if not any(len(b) > len(a) and b[: len(a)] == a for b in locs)]
-    more = len(leaves) - 1
-    if more:
-        problem += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return ConfigError(key, problem)
-
-
 def _check_unique_route_names(config: Config) -> None:
     seen: dict[str, int] = {}
+    duplicates: list[tuple[str, str]] = []
     for index, route in enumerate(config.routes):
         if route.name in seen:
-            raise ConfigError(
-                f"routes[{index}].name",
-                f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
+            duplicates.append(
+                (
+                    f"routes[{index}].name",
+                    f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
+                )
             )
-        seen[route.name] = index
+        seen.setdefault(route.name, index)
+    if duplicates:
+        raise ConfigError.of(duplicates)
 
 
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
@@ -817,7 +797,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:
-        raise _first_error(exc, origins) from None
+        raise ConfigError.of(validation_problems(exc, Config, data, origins)) from None
     _check_unique_route_names(config)
     return config
 

@@ -17,18 +17,28 @@ nothing above the sinks catches a library's exception type.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ProxyError(Exception):
     """Base of every exception message-proxy raises on purpose."""
 
 
 class ConfigError(ProxyError):
-    """The configuration is invalid. ``key`` is the dotted path of the offending key."""
+    """The configuration is invalid. ``key`` is the dotted path of the (first) offending key;
+    ``problems`` holds every ``(key, problem)`` found, that one first. ``str()`` is one line per
+    problem."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
+    def __init__(self, key: str, problem: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
         self.key = key
         self.problem = problem
+        self.problems: tuple[tuple[str, str], ...] = ((key, problem), *more)
+        super().__init__("\n".join(f"{k}: {p}" if k else p for k, p in self.problems))
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[str, str]]) -> ConfigError:
+        (key, problem), *more = problems
+        return cls(key, problem, more=more)
 
 
 class RouteError(ProxyError):

@@ -38,30 +38,52 @@ ROLE_KINDS: Mapping[str, frozenset[str]] = {
 }
 
 
+def _kind(destination: object) -> str:
+    return "stream" if isinstance(destination, StreamDestination) else "exchange"
+
+
+def _with_article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def check_role(config: Config, role: str) -> None:
-    """A role that cannot serve a configured destination kind is a config error naming it."""
+    """A role that cannot serve a configured destination kind is a config error naming each."""
     kinds = ROLE_KINDS[role]
-    for index, route in enumerate(config.routes):
-        for position, destination in enumerate(route.to):
-            kind = "stream" if isinstance(destination, StreamDestination) else "exchange"
-            if kind not in kinds:
-                raise ConfigError(
-                    f"routes[{index}].to[{position}]",
-                    f"route {route.name!r} sends to a {kind}, which the {role} role cannot serve",
-                )
+    problems = [
+        (
+            f"routes[{index}].to[{position}]",
+            f"route {route.name!r} sends to {_with_article(_kind(destination))}, "
+            f"which the {role} role cannot serve",
+        )
+        for index, route in enumerate(config.routes)
+        for position, destination in enumerate(route.to)
+        if _kind(destination) not in kinds
+    ]
     if config.dead_letter is not None:
-        kind = "stream" if config.dead_letter.stream is not None else "exchange"
+        kind = _kind(config.dead_letter.destination())
         if kind not in kinds:
-            raise ConfigError(
-                f"dead_letter.{kind}", f"the {role} role cannot dead-letter to a {kind}"
+            problems.append(
+                (
+                    f"dead_letter.{kind}",
+                    f"the {role} role cannot dead-letter to {_with_article(kind)}",
+                )
             )
+    if problems:
+        raise ConfigError.of(problems)
 
 
 def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
     check_role(config, role)
     sinks: dict[type[Target], Sink] = {}
     if config.uses_streams():
-        from proxy.sinks.redis_stream import RedisStreamSink  # redis is not in the relay's image
+        try:
+            from proxy.sinks.redis_stream import RedisStreamSink  # not in the relay's image
+        except ImportError as exc:
+            raise ConfigError(
+                _first_stream_key(config),
+                f"stream destinations need the redis package ({exc}); "
+                "install message-proxy[redis]",
+            ) from None
 
         sinks[StreamTarget] = RedisStreamSink(
             config.redis.url, timeout=config.redis.timeout, dedupe_window=config.dedupe.window
@@ -73,6 +95,14 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
             config.amqp_out or config.amqp, connection_name=f"message-proxy {role} publisher"
         )
     return sinks
+
+
+def _first_stream_key(config: Config) -> str:
+    for index, route in enumerate(config.routes):
+        for position, destination in enumerate(route.to):
+            if isinstance(destination, StreamDestination):
+                return f"routes[{index}].to[{position}]"
+    return "dead_letter.stream"
 
 
 class Worker:

@@ -213,14 +213,14 @@ def test_environment_overrides(environ: dict[str, str], check: Any) -> None:
             MINIMAL.replace('to = [ { stream = "events" } ]', "to = []"),
             {},
             "routes[0].to",
-            "at least 1",
+            "a route needs at least one destination",
             id="no-destinations",
         ),
         pytest.param(
             MINIMAL + "\n[dead_letter]\nrouting_key = 'x'\n",
             {},
             "dead_letter",
-            "exactly one",
+            "needs either a 'stream' or an 'exchange' key",
             id="dead-letter-without-target",
         ),
         pytest.param('unrouted = "keep"\n' + MINIMAL, {}, "unrouted", "dead-letter", id="unrouted"),
@@ -235,7 +235,7 @@ def test_environment_overrides(environ: dict[str, str], check: Any) -> None:
             MINIMAL,
             {"MESSAGE_PROXY_SOURCES__QUEUE": "x"},
             "sources",
-            "non-table",
+            "not a table (an array can only be replaced whole, with MESSAGE_PROXY_SOURCES)",
             id="env-into-array",
         ),
         pytest.param(
@@ -333,3 +333,194 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
 def test_amqp_heartbeat_is_short_by_default(url: str, expected: str) -> None:
     config = parse(MINIMAL + f'\n[amqp]\nurl = "{url}"\n')
     assert config.amqp.connection_url() == expected
+
+
+# --- every problem, in words a person can act on ------------------------------------------------
+
+TWO_ROUTES = MINIMAL + '[[routes]]\nname = "all"\nto = [{ stream = "x" }]\n'
+MANY_PROBLEMS = "[[sources]]\nqueue = 'q'\n" + "".join(
+    f"[[routes]]\nname = 'r{n}'\nto = [{{ stream = 's', maxlen = 0 }}]\n" for n in range(25)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        pytest.param(
+            MINIMAL.replace('queue = "events"', 'queu = "events"'),
+            {},
+            [
+                ("sources[0].queue", "required key is missing"),
+                ("sources[0].queu", "unknown key; did you mean 'queue'?"),
+            ],
+            id="typo-shows-the-cause",
+        ),
+        pytest.param(
+            MINIMAL.replace('queue = "events"', 'queu = "events"').replace(
+                'to = [ { stream = "events" } ]', "to = []"
+            )
+            + "\n[health]\nport = 'eight'\n",
+            {},
+            [
+                ("health.port", "must be a whole number"),
+                ("sources[0].queue", "required key is missing"),
+                ("sources[0].queu", "unknown key; did you mean 'queue'?"),
+                ("routes[0].to", "a route needs at least one destination"),
+            ],
+            id="all-of-them",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_AMPQ__URL": "amqp://h/"},
+            [
+                (
+                    "ampq",
+                    "unknown key (set by MESSAGE_PROXY_AMPQ__URL); "
+                    "did you mean MESSAGE_PROXY_AMQP__URL?",
+                )
+            ],
+            id="unknown-section-from-env",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_AMQP__PREFECH": "5"},
+            [
+                (
+                    "amqp.prefech",
+                    "unknown key (set by MESSAGE_PROXY_AMQP__PREFECH); "
+                    "did you mean MESSAGE_PROXY_AMQP__PREFETCH?",
+                )
+            ],
+            id="unknown-key-from-env",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_HEALTH__PORT": "eighty"},
+            [("health.port", "must be a whole number (set by MESSAGE_PROXY_HEALTH__PORT)")],
+            id="bad-value-from-env",
+        ),
+        pytest.param(
+            MINIMAL.replace('"events" }', '"events", maxlenn = 5 }'),
+            {},
+            [("routes[0].to[0].maxlenn", "unknown key; did you mean 'maxlen'?")],
+            id="typo-in-a-destination",
+        ),
+        pytest.param(
+            MINIMAL + "\n[amqp]\nprefetch = 0\n",
+            {},
+            [("amqp.prefetch", "must be greater than or equal to 1")],
+            id="below-minimum",
+        ),
+        pytest.param(
+            "unrouted = 'keep'\n" + MINIMAL,
+            {},
+            [("unrouted", "must be 'dead-letter' or 'drop'")],
+            id="not-a-choice",
+        ),
+        pytest.param(
+            MINIMAL.replace('queue = "events"', 'queue = "events"\ndeclare = "maybe"'),
+            {},
+            [("sources[0].declare", "must be true or false")],
+            id="not-a-boolean",
+        ),
+        pytest.param(
+            MINIMAL.replace('queue = "events"', 'queue = ""'),
+            {},
+            [("sources[0].queue", "must not be empty")],
+            id="empty-string",
+        ),
+        pytest.param(
+            "sources = []\n" + MINIMAL.replace("[[sources]]\nqueue = \"events\"\n", ""),
+            {},
+            [("sources", "at least one [[sources]] table is needed")],
+            id="no-sources",
+        ),
+        pytest.param(
+            MINIMAL + "\n[dead_letter]\nstream = 'dl'\nexchange = 'dlx'\n",
+            {},
+            [("dead_letter", "has both 'stream' and 'exchange'; keep one of them")],
+            id="dead-letter-both-kinds",
+        ),
+        pytest.param(
+            MINIMAL + "\n[dead_letter]\nexchange = 'dlx'\nmaxlen = 5\n",
+            {},
+            [("dead_letter", "'maxlen' trims a dead-letter stream; an exchange has none")],
+            id="dead-letter-exchange-maxlen",
+        ),
+        pytest.param(
+            MINIMAL + "\n[dead_letter]\nstream = 'dl'\nrouting_key = 'x'\n",
+            {},
+            [("dead_letter", "'routing_key' goes with a dead-letter exchange, not a stream")],
+            id="dead-letter-stream-routing-key",
+        ),
+        pytest.param(
+            TWO_ROUTES + '[[routes]]\nname = "all"\nto = [{ stream = "y" }]\n',
+            {},
+            [
+                ("routes[1].name", "duplicate route name 'all' (also routes[0])"),
+                ("routes[2].name", "duplicate route name 'all' (also routes[0])"),
+            ],
+            id="every-duplicate",
+        ),
+        pytest.param(
+            MANY_PROBLEMS,
+            {},
+            [
+                *(
+                    (f"routes[{n}].to[0].maxlen", "must be greater than or equal to 1")
+                    for n in range(20)
+                ),
+                ("", "... and 5 more problems"),
+            ],
+            id="at-most-20",
+        ),
+    ],
+)
+def test_every_problem_is_listed_with_its_key(
+    text: str, environ: dict[str, str], expected: list[tuple[str, str]]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, environ)
+    assert list(caught.value.problems) == expected
+    assert caught.value.key == expected[0][0]
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [
+        pytest.param(
+            "stream-bridge",
+            [
+                (
+                    "routes[1].to[0]",
+                    "route 'audit' sends to an exchange, which the stream-bridge role cannot serve",
+                ),
+                (
+                    "dead_letter.exchange",
+                    "the stream-bridge role cannot dead-letter to an exchange",
+                ),
+            ],
+            id="bridge",
+        ),
+        pytest.param(
+            "exchange-relay",
+            [
+                (
+                    "routes[0].to[0]",
+                    "route 'all' sends to a stream, which the exchange-relay role cannot serve",
+                ),
+            ],
+            id="relay",
+        ),
+    ],
+)
+def test_role_problems_read_as_english(role: str, expected: list[tuple[str, str]]) -> None:
+    from proxy.worker import check_role
+
+    config = parse(
+        MINIMAL + "[[routes]]\nname = 'audit'\nto = [{ exchange = 'audit' }]\n"
+        "[dead_letter]\nexchange = 'dlx'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_role(config, role)
+    assert list(caught.value.problems) == expected
