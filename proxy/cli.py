@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # imported at run time only by ``run``: ``check`` and ``route
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C before a worker runs, or during check, route or schema (128 + 2)
 
 log = logging.getLogger("proxy.cli")
 
@@ -83,11 +85,25 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _guarded(command: Callable[[], int]) -> int:
+    """Expected conditions end with a message and an exit code, never a traceback."""
     try:
-        return command()
+        code = command()
+        sys.stdout.flush()  # inside the try: a reader that went away shows here
+        return code
     except ConfigError as exc:
-        print(f"message-proxy: config error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"message-proxy: config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader stopped early (``| head``): what it read was right, the rest is unwanted.
+        # Point stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("message-proxy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -225,6 +241,8 @@ def _target_json(target: Target) -> dict[str, Any]:
 
 def _read_body(value: str) -> bytes:
     if value.startswith("@"):
+        if value == "@":
+            raise ConfigError("--body", "@ needs a file name: --body @FILE")
         try:
             return Path(value[1:]).read_bytes()
         except OSError as exc:
