@@ -64,9 +64,10 @@ def _check_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
 def _check_amqp_query(value: SecretStr) -> None:
     """The query keys the AMQP connection reads: checked now, not on the first connect."""
     query = parse_qs(urlsplit(value.get_secret_value()).query)
-    heartbeat = query.get("heartbeat", ["0"])[-1]
-    if not heartbeat.isdigit() or int(heartbeat) > 600:
-        raise ValueError("heartbeat in the URL must be a whole number of seconds, 0 to 600")
+    heartbeat = query.get("heartbeat", ["10"])[-1]
+    if not heartbeat.isdigit() or not 1 <= int(heartbeat) <= 600:
+        # 0 would turn heartbeats off: a frozen path would then leave the worker "ready" forever.
+        raise ValueError("heartbeat in the URL must be a whole number of seconds, 1 to 600")
     for key in ("cafile", "certfile", "keyfile"):
         for path in query.get(key, []):
             if not Path(path).is_file():
@@ -138,15 +139,17 @@ class AmqpSettings(Frozen):
         examples=[30],
     )
     # A broker that stops answering is only noticed through missed heartbeats (after about three
-    # intervals); RabbitMQ's default of 60 s would leave a hung connection unnoticed for minutes.
+    # intervals); RabbitMQ's default of 60 s would leave a hung connection unnoticed for minutes,
+    # and 0 (no heartbeats) for ever.
     heartbeat: int = Field(
         10,
-        ge=0,
+        ge=1,
         le=600,
         description=(
-            "AMQP heartbeat interval in seconds, proposed to the broker; a connection that stays "
-            "silent for about three intervals is treated as lost and reconnected. 0 turns "
-            "heartbeats off. A `heartbeat` in the URL wins over this key."
+            "AMQP heartbeat interval in seconds (1 to 600), proposed to the broker; a connection "
+            "that stays silent for about three intervals is treated as lost and reconnected. "
+            "Heartbeats cannot be turned off: 0 is a config error, in the URL too. TCP keepalive "
+            "is always on as well. A `heartbeat` in the URL wins over this key."
         ),
         examples=[30],
     )

@@ -36,6 +36,7 @@ def test_defaults_follow_the_contract() -> None:
     config = parse(MINIMAL)
     assert config.unrouted == "dead-letter"
     assert config.amqp.prefetch == 1000
+    assert config.amqp.heartbeat == 10
     assert config.batch.max_messages == 500
     assert config.batch.max_delay_ms == 5
     assert config.health.port == 8000
@@ -245,6 +246,27 @@ def test_environment_overrides(environ: dict[str, str], check: Any) -> None:
             "duration",
             id="bad-duration",
         ),
+        pytest.param(
+            MINIMAL + "\n[amqp]\nheartbeat = 0\n",
+            {},
+            "amqp.heartbeat",
+            "greater than or equal to 1",
+            id="heartbeat-off",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"MESSAGE_PROXY_AMQP_OUT__HEARTBEAT": "0"},
+            "amqp_out.heartbeat",
+            "greater than or equal to 1 (set by MESSAGE_PROXY_AMQP_OUT__HEARTBEAT)",
+            id="heartbeat-off-from-env",
+        ),
+        pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "amqp://h/?heartbeat=0"\n',
+            {},
+            "amqp.url",
+            "heartbeat in the URL must be a whole number of seconds, 1 to 600",
+            id="heartbeat-off-in-the-url",
+        ),
     ],
 )
 def test_errors_name_the_key(text: str, environ: dict[str, str], key: str, problem: str) -> None:
@@ -293,6 +315,12 @@ def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> Non
             MINIMAL.replace('name = "all"', 'name = "all"\nmatch.plugin = "nope:x"'),
             "routes[0].match.plugin",
             id="unknown-plugin",
+        ),
+        pytest.param(MINIMAL + "\n[amqp]\nheartbeat = 0\n", "amqp.heartbeat", id="heartbeat-off"),
+        pytest.param(
+            MINIMAL + '\n[amqp]\nurl = "amqp://h/?heartbeat=0"\n',
+            "amqp.url: heartbeat in the URL",
+            id="heartbeat-off-in-the-url",
         ),
     ],
 )
