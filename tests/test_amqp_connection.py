@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import aio_pika
 import pytest
 from pamqp import commands as spec
+from pamqp import exceptions as pamqp_exceptions
 from pamqp import frame
 
 from proxy.amqp import frames
@@ -108,6 +110,97 @@ async def test_a_channel_error_closes_the_connection_with_the_brokers_reason() -
         await connection.consume(unique("missing"), Received())
     await async_wait_for(lambda: connection.is_closed, within=5)
     assert "NOT_FOUND" in str(connection.closed.result())
+    await connection.close()  # the socket, once the broker's close-ok is in
+
+
+class Recording:
+    """What crossed a TCP relay between the client and RabbitMQ, in order: (side, bytes, time);
+    an empty ``bytes`` is that side closing its socket."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bytes, float]] = []
+
+    def frames(self, side: str) -> list[tuple[Any, float]]:
+        """Every frame ``side`` sent, with the time the relay saw its last byte."""
+        data, found = b"", []
+        for who, chunk, at in self.events:
+            if who != side:
+                continue
+            data += chunk
+            if data.startswith(b"AMQP"):
+                data = data[8:]
+            while True:
+                try:
+                    used, _channel, value = frame.unmarshal(data)
+                except pamqp_exceptions.UnmarshalingException:
+                    break
+                data = data[used:]
+                found.append((value, at))
+        return found
+
+    def closed_at(self, side: str) -> float:
+        return next(at for who, chunk, at in self.events if who == side and not chunk)
+
+
+@asynccontextmanager
+async def recording_relay() -> AsyncIterator[tuple[int, Recording]]:
+    recording = Recording()
+
+    async def pipe(side: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                recording.events.append((side, data, time.monotonic()))
+                writer.write(data)
+                await writer.drain()
+        finally:
+            recording.events.append((side, b"", time.monotonic()))
+            writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        broker_reader, broker = await asyncio.open_connection("127.0.0.1", 5672)
+        await asyncio.gather(
+            pipe("client", client_reader, broker),
+            pipe("broker", broker_reader, client),
+            return_exceptions=True,
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], recording
+    finally:
+        server.close()
+
+
+async def test_a_channel_error_ends_the_connection_with_connection_close_not_a_dropped_socket(
+) -> None:  # fmt: skip
+    async with recording_relay() as (port, recording):
+        connection = await open_connection(amqp_url_via(port))
+        with pytest.raises(AmqpError, match="404"):
+            await connection.consume(unique("missing"), Received())
+        await connection.close()  # returns once the socket is gone
+        await async_wait_for(
+            lambda: sum(1 for _, chunk, _ in recording.events if not chunk) == 2, within=5
+        )
+    sent = [value for value, _ in recording.frames("client")]
+    assert [type(v) for v in sent[-2:]] == [spec.Channel.CloseOk, spec.Connection.Close], sent
+    close_ok_at = [
+        at for v, at in recording.frames("broker") if isinstance(v, spec.Connection.CloseOk)
+    ]
+    assert close_ok_at, recording.frames("broker")
+    # The socket went after the broker's close-ok, at once: not when the wait ran out.
+    client_closed = recording.closed_at("client")
+    assert close_ok_at[0] <= client_closed < close_ok_at[0] + 0.5
+    assert "404 NOT_FOUND" in str(connection.closed.result())
+
+
+async def test_every_socket_has_tcp_keepalive_on() -> None:
+    connection = await open_connection(heartbeat=7)
+    try:
+        sock = connection._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+    finally:
+        await connection.close()
 
 
 async def test_a_wrong_password_is_refused_without_echoing_it() -> None:
@@ -264,4 +357,6 @@ async def test_amqps_verifies_the_broker_against_the_given_ca(
         with pytest.raises(ssl.SSLCertVerificationError):  # not signed by a CA we trust
             await open_connection(f"amqps://guest:guest@localhost:{port}/")
         unverified = await open_connection(f"amqps://guest:guest@localhost:{port}/?no_verify_ssl=1")
+        sock = unverified._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         await unverified.close()

@@ -15,7 +15,9 @@ flow control (prefetch bounds what the broker sends), and reconnecting (the sour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -35,6 +37,8 @@ CHANNEL = 1
 FRAME_MAX = 131_072
 CLOSE_TIMEOUT_S = 5.0
 MISSED_HEARTBEATS = 3  # as aiormq: the peer is gone after three silent intervals
+# Ending a connection on our side (after a channel error): how long to wait for close-ok.
+CLOSE_OK_WAIT_S = 1.0
 
 # Called for every delivery: the message's fields (``Message``'s names, ``queue`` left to the
 # caller), its delivery tag, and why its properties could not be read (None when they could).
@@ -117,6 +121,9 @@ class AmqpConnection(asyncio.Protocol):
         self._last_sent = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
         self._channel_open = False
+        self._handle_frames: Callable[[bytes], int] = self._frames
+        self._close_ok_timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
         self.closed: asyncio.Future[AmqpError] = self._loop.create_future()
 
     def __repr__(self) -> str:
@@ -133,13 +140,14 @@ class AmqpConnection(asyncio.Protocol):
         # Expect connection.start before the socket exists: it may come before open() resumes.
         connection._reply = loop.create_future()
         try:
-            await loop.create_connection(
+            transport, _ = await loop.create_connection(
                 lambda: connection,
                 endpoint.host,
                 endpoint.port,
                 ssl=endpoint.tls,
                 server_hostname=endpoint.host if endpoint.tls else None,
             )
+            _keep_alive(transport.get_extra_info("socket"), endpoint.heartbeat)
             await connection._handshake()
         except BaseException:
             connection.abort(AmqpError("not opened"))
@@ -271,7 +279,10 @@ class AmqpConnection(asyncio.Protocol):
 
     async def close(self, within: float = CLOSE_TIMEOUT_S) -> None:
         """Close politely (the broker requeues what was not acked), within ``within`` seconds."""
-        if self.closed.done():
+        if self.closed.done():  # ended already; its socket may still wait for close-ok
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), within)
+            self.abort(self.closed.result())
             return
         try:
             async with asyncio.timeout(within):
@@ -290,8 +301,24 @@ class AmqpConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def _end(self, reason: AmqpError, reply_code: int, reply_text: str) -> None:
+        """End the connection from our side, telling the broker why: ``connection.close``, then
+        the socket once close-ok arrives or ``CLOSE_OK_WAIT_S`` has passed. A socket closed
+        without it is "client unexpectedly closed TCP connection" in the broker's log."""
+        close = spec.Connection.Close(reply_code, _short(reply_text), 0, 0)
+        sent = self._send_if_open(wire.method_frame(0, close))
+        self._finish(reason)
+        transport = self._transport
+        if transport is None:
+            return
+        if sent:
+            self._close_ok_timer = self._loop.call_later(CLOSE_OK_WAIT_S, transport.close)
+        else:
+            transport.close()
+
     def _finish(self, reason: AmqpError) -> None:
         self._channel_open = False
+        self._handle_frames = self._frames_after_close  # nothing more is delivered or answered
         if not self.closed.done():
             self.closed.set_result(reason)
         if self._reply is not None and not self._reply.done():
@@ -307,6 +334,10 @@ class AmqpConnection(asyncio.Protocol):
         self._transport.write(wire.PROTOCOL_HEADER)  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_ok_timer is not None:
+            self._close_ok_timer.cancel()
+        if not self._lost.done():
+            self._lost.set_result(None)
         self._finish(AmqpError(f"connection lost: {exc}" if exc else "connection lost"))
 
     def data_received(self, data: bytes) -> None:
@@ -317,10 +348,13 @@ class AmqpConnection(asyncio.Protocol):
             data = bytes(buffer)
             buffer.clear()
         try:
-            consumed = self._frames(data)
+            consumed = self._handle_frames(data)
         except Exception as exc:  # a broken frame, or a bug: this connection cannot go on
+            if self.closed.done():  # already ending: whatever is left does not matter
+                self.abort(self.closed.result())
+                return
             log.exception("amqp: dropping the connection: %s", exc)
-            self.abort(AmqpError(f"protocol error: {exc}"))
+            self._end(AmqpError(f"protocol error: {exc}"), 501, f"FRAME_ERROR - {exc}")
             return
         if consumed < len(data):
             buffer += data[consumed:]
@@ -341,12 +375,38 @@ class AmqpConnection(asyncio.Protocol):
                 self._on_body(payload)
             elif kind == wire.FRAME_METHOD:
                 self._on_method(channel, payload)
+                if self.closed.done():  # closed by the broker, or ending: the rest is ignored
+                    rest: int = end + 1
+                    return rest + self._frames_after_close(data[rest:])
             elif kind == wire.FRAME_HEADER:
                 self._on_header(payload)
             elif kind != wire.FRAME_HEARTBEAT:
                 raise wire.FrameError(f"unknown frame type {kind}")
             position = end + 1
         return position
+
+    def _frames_after_close(self, data: bytes) -> int:
+        """Once the connection is ending, only the broker's close-ok (or close) still counts."""
+        position, size_of_data = 0, len(data)
+        head = wire.FRAME_HEAD.unpack_from
+        while size_of_data - position >= wire.FRAME_OVERHEAD:
+            kind, channel, size = head(data, position)
+            end = position + 7 + size
+            if end >= size_of_data:
+                break
+            if kind == wire.FRAME_METHOD and channel == 0:
+                method = wire.decode_method(data[position + 7 : end])
+                if isinstance(method, spec.Connection.Close):
+                    self._send_raw(wire.method_frame(0, spec.Connection.CloseOk()))
+                if isinstance(method, spec.Connection.Close | spec.Connection.CloseOk):
+                    if self._transport is not None:
+                        self._transport.close()
+            position = end + 1
+        return position
+
+    def _send_raw(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def _on_method(self, channel: int, payload: bytes) -> None:
         if wire.method_id(payload) == wire.BASIC_DELIVER:
@@ -360,18 +420,18 @@ class AmqpConnection(asyncio.Protocol):
             self._delivery = _Delivery(consumer, tag, values)
             return
         method = wire.decode_method(payload)
-        if isinstance(method, spec.Connection.Close | spec.Channel.Close):
-            # One channel per connection: a closed channel ends the connection too.
-            if isinstance(method, spec.Connection.Close):
-                what, reply = "closed", wire.method_frame(0, spec.Connection.CloseOk())
-            else:
-                what, reply = "channel closed", wire.method_frame(channel, spec.Channel.CloseOk())
-            self._send_if_open(reply)
+        if isinstance(method, spec.Connection.Close):
+            self._send_if_open(wire.method_frame(0, spec.Connection.CloseOk()))
             self._finish(
-                AmqpError(f"{what} by the broker: {method.reply_code} {method.reply_text}")
+                AmqpError(f"closed by the broker: {method.reply_code} {method.reply_text}")
             )
             if self._transport is not None:
                 self._transport.close()  # after the reply is written
+        elif isinstance(method, spec.Channel.Close):
+            # One channel per connection: a closed channel ends the connection too, politely.
+            reason = f"{method.reply_code} {method.reply_text}"
+            self._send_if_open(wire.method_frame(channel, spec.Channel.CloseOk()))
+            self._end(AmqpError(f"channel closed by the broker: {reason}"), 200, reason)
         elif isinstance(method, spec.Basic.Cancel):  # the queue was deleted, or similar
             self._consumers.pop(method.consumer_tag or "", None)
             if not method.nowait:
@@ -431,6 +491,28 @@ class AmqpConnection(asyncio.Protocol):
                 return
             if now - self._last_sent >= interval:
                 self._send_if_open(wire.HEARTBEAT)
+
+
+def _keep_alive(sock: socket.socket, heartbeat: int) -> None:
+    """TCP keepalive on the broker socket: probes after ``heartbeat`` idle seconds, three of them.
+
+    Heartbeats find a silent broker while this side sends; keepalive also covers a socket this
+    side does not write to or read from (reading paused, a hung handshake).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    interval = max(1, heartbeat)
+    for option, value in (
+        ("TCP_KEEPIDLE", interval),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", MISSED_HEARTBEATS),
+    ):
+        if hasattr(socket, option):  # Linux; macOS names some differently
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def _short(text: str) -> str:
+    """A reply text that fits AMQP's short string (255 bytes)."""
+    return text.encode()[:255].decode(errors="ignore")
 
 
 def _negotiate(server: int, client: int) -> int:
