@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from proxy.amqp.connection import AmqpConnection, Consumer, Endpoint
 from proxy.backoff import Backoff
 from proxy.config import AmqpSettings, Source, display_url
+from proxy.errors import AmqpError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.metrics import Metrics
 from proxy.state import HealthState
@@ -95,11 +96,12 @@ class AmqpSource:
                 async with asyncio.timeout(self._settings.connect_timeout):
                     await self._connect_and_consume()
                 backoff.reset()
-                await self._watch()
+                problem = await self._watch()
             except Exception as exc:
                 # Refused, reset, closed by the broker, TLS, timeout: for this loop every one
                 # means "retry with backoff".
-                self._down(f"{type(exc).__name__}: {exc}".rstrip(": "))
+                problem = self._failure(exc)
+                self._down(problem)
                 log.debug("amqp: connection failure", exc_info=True)
             connected = self._connection is not None and not self._connection.is_closed
             if self._stopping.is_set() and connected:
@@ -109,10 +111,11 @@ class AmqpSource:
                 break
             delay = backoff.next_delay()
             log.warning(
-                "amqp: connection to %s lost or refused; retry %d in %.1fs",
+                "amqp: connection to %s lost or refused; retry %d in %.1fs: %s",
                 display_url(self._settings.url),
                 backoff.attempts,
                 delay,
+                problem,
             )
             try:
                 async with asyncio.timeout(delay):
@@ -157,18 +160,27 @@ class AmqpSource:
 
         return on_message
 
-    async def _watch(self) -> None:
-        """Return when the connection, the channel or any consumer is gone, or on stop."""
+    async def _watch(self) -> str:
+        """Return why, when the connection, the channel or any consumer is gone; "" on stop."""
         while not self._stopping.is_set():
             problem = self._problem()
             if problem:
                 self._down(problem)
-                return
+                return problem
             try:
                 async with asyncio.timeout(WATCH_INTERVAL_S):
                     await self._stopping.wait()
             except TimeoutError:
                 pass
+        return ""
+
+    def _failure(self, exc: Exception) -> str:
+        """One line for a failed attempt: the broker's own reason when it gave one."""
+        if isinstance(exc, AmqpError):
+            return str(exc)  # e.g. "closed by the broker: 403 ACCESS_REFUSED - Login was refused"
+        if isinstance(exc, TimeoutError):
+            return f"no answer within connect_timeout ({self._settings.connect_timeout:g}s)"
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
     def _problem(self) -> str:
         connection = self._connection
