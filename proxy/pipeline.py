@@ -4,7 +4,8 @@ A batch is flushed when it holds ``batch.max_messages`` deliveries or its oldest
 waited ``batch.max_delay_ms``. One batch is in flight at a time, so delivery tags are settled in
 order and one ``basic.ack(multiple=True)`` covers the batch. A destination that cannot be reached
 holds the batch (retried with backoff, never acked meanwhile); prefetch then stops the broker from
-sending more. A destination that refuses one message dead-letters that message only.
+sending more. A destination that refuses one message dead-letters that message only; a
+dead-letter destination that refuses holds the batch like an outage.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from proxy.state import HealthState
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_ROUTE = "dead-letter"
+DEAD_LETTER_COMPONENT = "dead_letter"  # its name in /ready while its destination refuses
+# Retries of a refused dead letter stop at this delay, not the outage cap of 30 s: nothing tells
+# the worker that the operator fixed the destination, so it asks this often.
+DEAD_LETTER_RETRY_CAP_S = 5.0
 BROKER_RECHECK_S = 0.1
 
 
@@ -317,17 +322,43 @@ class Pipeline:
                 continue
             sink = self._sinks[type(target)]
             to_publish.setdefault(sink, []).append((index, Publish(message, target, info)))
-        results = await self._publish_to_each(to_publish)
-        for items, outcomes in zip(to_publish.values(), results, strict=True):
-            for (index, item), outcome in zip(items, outcomes, strict=True):
-                if isinstance(outcome, PermanentError):
-                    log.error(
-                        "dead-letter destination %s refused a message (%s); rejecting it instead",
-                        _describe(item.target),
-                        outcome.detail,
-                    )
-                    rejects.add(index)
+        await self._dead_letter_reliably(to_publish)
         return rejects
+
+    async def _dead_letter_reliably(
+        self, to_publish: dict[Sink, list[tuple[int, Publish]]]
+    ) -> None:
+        """Publish dead letters until every one is accepted: a refusal holds the batch.
+
+        The dead-letter destination is a message's last place to go: rejecting it instead would
+        lose it (or, from a stream queue, close the connection). So a refusal (no such exchange,
+        a key that is not a stream) is held like an outage: nothing acked, retried with backoff,
+        readiness false with the cause, logged once per cause, until the operator fixes it.
+        """
+        backoff = Backoff(cap=DEAD_LETTER_RETRY_CAP_S)
+        while True:
+            results = await self._publish_to_each(to_publish)
+            refused: dict[Sink, list[tuple[int, Publish]]] = {}
+            cause = ""
+            for (sink, items), outcomes in zip(to_publish.items(), results, strict=True):
+                for entry, outcome in zip(items, outcomes, strict=True):
+                    if isinstance(outcome, PermanentError):
+                        refused.setdefault(sink, []).append(entry)
+                        cause = cause or f"{_describe(entry[1].target)}: {outcome.detail}"
+            if not refused:
+                break
+            held = sum(len(items) for items in refused.values())
+            if self._health.set_held(DEAD_LETTER_COMPONENT, f"refused: {cause}"):
+                log.error(
+                    "dead-letter destination refused %d messages: %s; holding the batch, "
+                    "nothing acked, retrying until it accepts",
+                    held,
+                    cause,
+                )
+            await asyncio.sleep(backoff.next_delay())
+            to_publish = refused
+        if self._health.set_held(DEAD_LETTER_COMPONENT, None):
+            log.info("dead-letter destination accepting again")
 
     def _settle(self, live: Sequence[Delivery], rejects: set[int]) -> None:
         """The one place deliveries are acked: rejects first, then one multiple ack per channel."""

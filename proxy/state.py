@@ -33,6 +33,8 @@ class Snapshot:
     expected_consumers: int = 0
     last_flush_at: float | None = None
     stopping: bool = False
+    # What else holds the flow, by component (``dead_letter``: its destination refuses).
+    held: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def is_alive(self, now: float, threshold: float = LIVENESS_THRESHOLD_S) -> bool:
         return now - self.heartbeat_at < threshold
@@ -44,6 +46,7 @@ class Snapshot:
         }
         if not self.brokers:
             down["amqp"] = "not connected yet"
+        down.update(self.held)
         if self.consumers < self.expected_consumers:
             down["consumer"] = f"{self.consumers} of {self.expected_consumers} queues consumed"
         if self.stopping:
@@ -88,6 +91,18 @@ class HealthState:
         brokers[name] = BrokerState(up=up, since=since, detail=detail)
         self._snapshot = replace(self._snapshot, brokers=MappingProxyType(brokers))
         return current is None or current.up != up
+
+    def set_held(self, component: str, detail: str | None) -> bool:
+        """Record why ``component`` holds the flow (None: it no longer does); True on a change."""
+        held = dict(self._snapshot.held)
+        if held.get(component) == detail:
+            return False
+        if detail is None:
+            del held[component]
+        else:
+            held[component] = detail
+        self._snapshot = replace(self._snapshot, held=MappingProxyType(held))
+        return True
 
     def flushed(self) -> None:
         self._snapshot = replace(self._snapshot, last_flush_at=self._clock())
