@@ -6,6 +6,10 @@ order and one ``basic.ack(multiple=True)`` covers the batch. A destination that 
 holds the batch (retried with backoff, never acked meanwhile); prefetch then stops the broker from
 sending more. A destination that refuses one message dead-letters that message only; a
 dead-letter destination that refuses holds the batch like an outage.
+
+A held delivery whose channel closes meanwhile (the broker's consumer timeout, a lost connection)
+is dropped before the next retry: RabbitMQ has requeued it and delivers it again, so writing the
+held copy as well would write it twice.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 
 from proxy.amqp.consumer import Delivery, Settler
 from proxy.backoff import Backoff
@@ -159,9 +164,11 @@ class Pipeline:
         metrics.batch_size.observe(len(live))
 
         publishes, failures = self._plan(live)
-        await self._publish_all(publishes, failures)
+        await self._publish_all(live, publishes, failures)
 
         rejects = await self._dead_letter_all(live, failures)
+        if not any(delivery.settleable for delivery in live):
+            return  # all held past their channel, dropped from the retries: nothing to settle
         self._settle(live, rejects)
         self._observe_latency(live, rejects)
         metrics.flush_duration.observe(self._clock() - started)
@@ -193,13 +200,16 @@ class Pipeline:
         return publishes, failures
 
     async def _publish_all(
-        self, publishes: Mapping[Sink, list[tuple[int, Publish]]], failures: dict[int, _Failure]
+        self,
+        live: Sequence[Delivery],
+        publishes: Mapping[Sink, list[tuple[int, Publish]]],
+        failures: dict[int, _Failure],
     ) -> None:
         """Publish to every sink at once; a refused item marks its delivery as failed."""
-        results = await self._publish_to_each(publishes)
+        results = await self._publish_to_each(live, publishes)
         published: Counter[tuple[str, str]] = Counter()
         notes: Counter[Accepted] = Counter()
-        for items, outcomes in zip(publishes.values(), results, strict=True):
+        for items, outcomes in results:
             for (index, item), outcome in zip(items, outcomes, strict=True):
                 if isinstance(outcome, PermanentError):
                     if index not in failures:
@@ -223,15 +233,17 @@ class Pipeline:
             )
 
     async def _publish_to_each(
-        self, publishes: Mapping[Sink, list[tuple[int, Publish]]]
-    ) -> list[list[Outcome]]:
-        """Every sink's outcomes, in the mapping's order; sinks are written concurrently."""
-        batches = [(sink, [p for _, p in items]) for sink, items in publishes.items()]
-        if len(batches) == 1:  # no Task: the write goes out before the loop reads more deliveries
-            sink, items = batches[0]
-            return [await self._publish_reliably(sink, items)]
+        self, live: Sequence[Delivery], publishes: Mapping[Sink, list[tuple[int, Publish]]]
+    ) -> list[Published]:
+        """Every sink's published items and outcomes, in the mapping's order; sinks are written
+        concurrently."""
+        if len(publishes) == 1:  # no Task: the write goes out before the loop reads more deliveries
+            ((sink, items),) = publishes.items()
+            return [await self._publish_reliably(sink, items, live)]
         return list(
-            await asyncio.gather(*(self._publish_reliably(sink, items) for sink, items in batches))
+            await asyncio.gather(
+                *(self._publish_reliably(sink, items, live) for sink, items in publishes.items())
+            )
         )
 
     def _route(self, message: Message) -> Routed | Rejected:
@@ -243,14 +255,20 @@ class Pipeline:
             log.exception("routing raised unexpectedly")
             return Rejected("plugin-error", f"routing raised {type(exc).__name__}: {exc}")
 
-    async def _publish_reliably(self, sink: Sink, items: list[Publish]) -> list[Outcome]:
-        """Publish until the sink answers; transient failures are retried with backoff."""
+    async def _publish_reliably(
+        self, sink: Sink, items: list[tuple[int, Publish]], live: Sequence[Delivery]
+    ) -> Published:
+        """Publish until the sink answers; transient failures are retried with backoff.
+
+        Returns what was published (items whose delivery's channel closed while the batch was
+        held are left out: RabbitMQ delivers them again) and the sink's outcome for each.
+        """
         backoff = Backoff()
         while True:
             try:
-                outcomes = await sink.publish_batch(items)
+                outcomes = await sink.publish_batch([item for _, item in items])
             except TransientError as exc:
-                for template in {item.target.template for item in items}:
+                for template in {item.target.template for _, item in items}:
                     self._metrics.publish_errors.labels(
                         destination=template, error="transient"
                     ).inc()
@@ -265,20 +283,24 @@ class Pipeline:
                     backoff.attempts,
                     delay,
                 )
-                await self._back_off(sink.broker, delay)
+                await self._back_off(sink.broker, delay, partial(_any_settleable, items, live))
+                items = _still_held(sink.broker, items, live)
+                if not items:
+                    return [], []
                 continue
             if self._health.set_broker(sink.broker, True):
                 self._metrics.broker_up.labels(broker=sink.broker).set(1)
                 log.info("%s: accepting again", sink.broker)
-            for item, outcome in zip(items, outcomes, strict=True):
+            for (_, item), outcome in zip(items, outcomes, strict=True):
                 if isinstance(outcome, PermanentError):
                     self._metrics.publish_errors.labels(
                         destination=item.target.template, error=outcome.reason
                     ).inc()
-            return outcomes
+            return items, outcomes
 
-    async def _back_off(self, broker: str, delay: float) -> None:
-        """Wait ``delay``, or less once the sink watcher has seen the broker answer again.
+    async def _back_off(self, broker: str, delay: float, held: Callable[[], bool]) -> None:
+        """Wait ``delay``, or less once the sink watcher has seen the broker answer again, or
+        once nothing ``held`` is left to retry.
 
         The delay grows to 30 s: without this, the worker would sit ready but idle for up to that
         long after an outage ends. The watcher pings once a second, so retries stay that far apart
@@ -288,7 +310,7 @@ class Pipeline:
         for _ in range(steps):
             await asyncio.sleep(delay / steps)
             state = self._health.snapshot().brokers.get(broker)
-            if state is not None and state.up:
+            if (state is not None and state.up) or not held():
                 return
 
     async def _dead_letter_all(
@@ -301,6 +323,8 @@ class Pipeline:
         rejects: set[int] = set()
         to_publish: dict[Sink, list[tuple[int, Publish]]] = {}
         for index, failure in failures.items():
+            if not live[index].settleable:  # held past its channel: it comes back, handled then
+                continue
             message = live[index].message
             self._metrics.messages_dead_lettered.labels(reason=failure.reason).inc()
             log.warning(
@@ -322,11 +346,11 @@ class Pipeline:
                 continue
             sink = self._sinks[type(target)]
             to_publish.setdefault(sink, []).append((index, Publish(message, target, info)))
-        await self._dead_letter_reliably(to_publish)
+        await self._dead_letter_reliably(live, to_publish)
         return rejects
 
     async def _dead_letter_reliably(
-        self, to_publish: dict[Sink, list[tuple[int, Publish]]]
+        self, live: Sequence[Delivery], to_publish: dict[Sink, list[tuple[int, Publish]]]
     ) -> None:
         """Publish dead letters until every one is accepted: a refusal holds the batch.
 
@@ -336,11 +360,11 @@ class Pipeline:
         readiness false with the cause, logged once per cause, until the operator fixes it.
         """
         backoff = Backoff(cap=DEAD_LETTER_RETRY_CAP_S)
-        while True:
-            results = await self._publish_to_each(to_publish)
+        while to_publish:
+            results = await self._publish_to_each(live, to_publish)
             refused: dict[Sink, list[tuple[int, Publish]]] = {}
             cause = ""
-            for (sink, items), outcomes in zip(to_publish.items(), results, strict=True):
+            for sink, (items, outcomes) in zip(to_publish, results, strict=True):
                 for entry, outcome in zip(items, outcomes, strict=True):
                     if isinstance(outcome, PermanentError):
                         refused.setdefault(sink, []).append(entry)
@@ -356,7 +380,8 @@ class Pipeline:
                     cause,
                 )
             await asyncio.sleep(backoff.next_delay())
-            to_publish = refused
+            still = {sink: _still_held(sink.broker, items, live) for sink, items in refused.items()}
+            to_publish = {sink: items for sink, items in still.items() if items}
         if self._health.set_held(DEAD_LETTER_COMPONENT, None):
             log.info("dead-letter destination accepting again")
 
@@ -392,6 +417,29 @@ class Pipeline:
                 if (timestamp := delivery.message.timestamp) is not None and index not in rejects
             ]
         )
+
+
+# What one sink published, and its outcome for each item.
+Published = tuple[list[tuple[int, Publish]], list[Outcome]]
+
+
+def _any_settleable(items: Sequence[tuple[int, Publish]], live: Sequence[Delivery]) -> bool:
+    return any(live[index].settleable for index, _ in items)
+
+
+def _still_held(
+    broker: str, items: list[tuple[int, Publish]], live: Sequence[Delivery]
+) -> list[tuple[int, Publish]]:
+    """The items still worth retrying: those whose delivery's channel is still open."""
+    kept = [(index, item) for index, item in items if live[index].settleable]
+    if len(kept) < len(items):
+        log.warning(
+            "%s: %d held messages dropped from the retry: their channel closed, so RabbitMQ "
+            "has requeued them and delivers them again",
+            broker,
+            len(items) - len(kept),
+        )
+    return kept
 
 
 def _count_queues(deliveries: Iterable[Delivery]) -> Counter[str]:

@@ -3,18 +3,41 @@ refuses it, and what it does when the broker cancels a consumer or closes a chan
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import tomllib
+from asyncio.subprocess import PIPE
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
+from proxy.config import parse_config
+from proxy.metrics import Metrics
+from proxy.state import HealthState
+from proxy.worker import Worker
 from tests.helpers import (
+    AMQP_URL,
     REDIS_URL,
     WorkerProcess,
+    amqp_url_via,
+    async_wait_for,
+    declare_topology,
     delete_keys,
+    delete_queues,
+    publish,
+    queue_depth,
+    redis_url_via,
+    stream_message_ids,
     unique,
     wait_for,
 )
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -74,3 +97,189 @@ async def test_every_retry_and_the_readiness_detail_carry_the_brokers_reason(
     finally:
         worker.kill()
         await delete_keys(stream)
+
+
+# --- RabbitMQ's consumer timeout --------------------------------------------------------------
+
+
+async def rabbitmq_eval(expression: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "eval", expression, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl eval failed: {err.decode()}")
+    return out.decode().strip()
+
+
+def _restore(key: str, original: str) -> str:
+    """The expression that puts ``key`` of the rabbit application back as ``original`` was."""
+    found = re.fullmatch(r"\{ok,(\d+)\}", original)
+    if found:
+        return f"application:set_env(rabbit, {key}, {found[1]})."
+    return f"application:unset_env(rabbit, {key})."
+
+
+@asynccontextmanager
+async def rabbitmq_setting(key: str, value: int) -> AsyncIterator[None]:
+    """One of the broker's application settings changed, and put back however the block ends.
+
+    The broker is shared: keep the block as short as the test allows."""
+    original = await rabbitmq_eval(
+        f"V = application:get_env(rabbit, {key}), application:set_env(rabbit, {key}, {value}), V."
+    )
+    try:
+        yield
+    finally:
+        await rabbitmq_eval(_restore(key, original))
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[str]:
+    name = unique("q")
+    yield name
+    await delete_queues(name)
+
+
+@asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[Worker]:
+    task = asyncio.create_task(worker.run())
+    try:
+        await async_wait_for(lambda: worker.health.snapshot().consumers == 1, what="consuming")
+        yield worker
+    finally:
+        worker.stop_requested.set()
+        await asyncio.wait_for(task, 15)
+
+
+def in_process_worker(queue: str, text: str, metrics: Metrics) -> Worker:
+    config = parse_config(tomllib.loads(f'{text}\n[[sources]]\nqueue = "{queue}"\n'), environ={})
+    return Worker(config, role="all", metrics=metrics, health=HealthState())
+
+
+def reconnects(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value("message_proxy_reconnects_total", {"broker": "amqp"})
+    return value or 0.0
+
+
+async def held_past_the_consumer_timeout(
+    stack: AsyncExitStack, worker: Worker, metrics: Metrics
+) -> None:
+    """Start ``worker`` on a channel with a 2 s consumer timeout; return once RabbitMQ has closed
+    that channel and the worker consumes again on a new one, with the broker's usual timeout."""
+    # The timeout is evaluated on each channel's tick, every minute by default.
+    await stack.enter_async_context(rabbitmq_setting("channel_tick_interval", 250))
+    async with rabbitmq_setting("consumer_timeout", 2000):  # read by each channel as it opens
+        await stack.enter_async_context(running(worker))
+    await async_wait_for(lambda: reconnects(metrics) >= 1, within=15, what="channel timed out")
+    await async_wait_for(lambda: worker.health.snapshot().consumers == 1, what="consuming again")
+
+
+def numbered(count: int, kind: str = "m") -> list[aio_pika.Message]:
+    return [
+        aio_pika.Message(b"m", message_id=f"{kind}-{i}", headers={"kind": kind})
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def proxies() -> Iterator[dict[str, TcpProxy]]:
+    started = {
+        "redis": TcpProxy(*_host_port(REDIS_URL, 6379)).start(),
+        "amqp_out": TcpProxy(*_host_port(AMQP_URL, 5672)).start(),
+    }
+    yield started
+    for proxy in started.values():
+        proxy.stop()
+
+
+def _host_port(url: str, default: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or default
+
+
+async def test_a_batch_held_past_the_consumer_timeout_is_written_once(
+    queue: str, metrics: Metrics, proxies: dict[str, TcpProxy]
+) -> None:
+    stream = unique("held")
+    text = f"""
+[redis]
+url = "{redis_url_via(proxies["redis"].port)}"
+timeout = 1
+
+[[routes]]
+name = "all"
+to = [ {{ stream = "{stream}" }} ]
+"""
+    worker = in_process_worker(queue, text, metrics)
+    await declare_topology(queue)
+    await publish(numbered(20), routing_key=queue)
+    proxies["redis"].cut()
+    try:
+        async with AsyncExitStack() as stack:
+            await held_past_the_consumer_timeout(stack, worker, metrics)
+            proxies["redis"].heal()
+            await async_wait_for(lambda: queue_depth_is(queue, 0), within=15, what="acked")
+            await asyncio.sleep(0.3)  # a stale copy would be written by now
+        written = Counter(await stream_message_ids(stream))
+        assert written == Counter({f"m-{i}": 1 for i in range(20)})
+    finally:
+        await delete_keys(stream)
+
+
+async def test_a_dead_letter_held_past_the_consumer_timeout_is_written_once(
+    queue: str, metrics: Metrics, proxies: dict[str, TcpProxy]
+) -> None:
+    stream, dead_exchange, dead_queue = unique("good"), unique("dead"), unique("dead")
+    text = f"""
+[redis]
+url = "{REDIS_URL}"
+
+[amqp_out]
+url = "{amqp_url_via(proxies["amqp_out"].port)}"
+connect_timeout = 1
+publish_timeout = 1
+
+[[routes]]
+name = "good"
+match.headers = {{ kind = "good" }}
+to = [ {{ stream = "{stream}" }} ]
+
+[dead_letter]
+exchange = "{dead_exchange}"
+routing_key = "dead"
+"""
+    worker = in_process_worker(queue, text, metrics)
+    await declare_topology(queue)
+    await declare_topology(dead_queue, dead_exchange)
+    await publish([*numbered(10, "good"), *numbered(10, "bad")], routing_key=queue)
+    proxies["amqp_out"].cut()
+    try:
+        async with AsyncExitStack() as stack:
+            await held_past_the_consumer_timeout(stack, worker, metrics)
+            proxies["amqp_out"].heal()
+            await async_wait_for(lambda: queue_depth_is(queue, 0), within=15, what="acked")
+            await asyncio.sleep(0.3)
+        dead = Counter(await drained_message_ids(dead_queue))
+        assert dead == Counter({f"bad-{i}": 1 for i in range(10)})
+        # The good ones were written before the hold: their redelivery writes them again (at
+        # least once; only a dedupe destination skips them).
+        assert set(await stream_message_ids(stream)) == {f"good-{i}" for i in range(10)}
+    finally:
+        await delete_queues(dead_queue)
+        await delete_keys(stream)
+
+
+async def drained_message_ids(queue: str) -> list[str]:
+    connection = await aio_pika.connect(AMQP_URL)
+    ids = []
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue)
+        while (message := await source.get(no_ack=True, fail=False)) is not None:
+            ids.append(message.message_id or "")
+    return ids
+
+
+async def queue_depth_is(queue: str, depth: int) -> bool:
+    return await queue_depth(queue) == depth
