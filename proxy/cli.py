@@ -251,7 +251,7 @@ def _read_body(value: str) -> bytes:
 
 
 def dry_run(config: Config, args: argparse.Namespace) -> int:
-    headers: dict[str, Any] = {}
+    headers: dict[str | bytes, Any] = {}
     for pair in args.header:
         name, equals, value = pair.partition("=")
         if not equals or not name:

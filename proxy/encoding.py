@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -46,13 +47,38 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
 def headers_json(headers: Any) -> bytes:
-    """Headers as a JSON object: non-UTF-8 bytes as ``base64:...``, timestamps RFC 3339."""
-    return orjson.dumps(
-        headers,
-        default=_json_default,
-        option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS,
-    )
+    """Headers as a JSON object: non-UTF-8 bytes as ``base64:...`` (names too), timestamps
+    RFC 3339."""
+    try:
+        return orjson.dumps(headers, default=_json_default, option=_JSON_OPTIONS)
+    except TypeError:
+        if not _has_bytes_key(headers):
+            raise
+    return orjson.dumps(_text_keys(headers), default=_json_default, option=_JSON_OPTIONS)
+
+
+def _has_bytes_key(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(isinstance(k, bytes) or _has_bytes_key(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_bytes_key(item) for item in value)
+    return False
+
+
+def _text_keys(value: Any) -> Any:
+    """``value`` with every name that is bytes (not UTF-8) written as a value would be."""
+    if isinstance(value, Mapping):
+        return {
+            (_json_default(k) if isinstance(k, bytes) else k): _text_keys(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_text_keys(item) for item in value]
+    return value
 
 
 def unix_seconds(timestamp: datetime) -> int:

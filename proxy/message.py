@@ -14,7 +14,9 @@ import orjson
 from proxy.errors import NotJsonError
 
 HOPS_HEADER = "x-message-proxy-hops"
-EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
+# Header names are text; one that is not UTF-8 stays bytes (see ``proxy.amqp.tables``).
+Headers = Mapping[str | bytes, Any]
+EMPTY_HEADERS: Headers = MappingProxyType({})
 
 
 class RawProperties(NamedTuple):
@@ -35,7 +37,7 @@ class Message:
     routing_key: str = ""
     exchange: str = ""
     queue: str = ""
-    headers: Mapping[str, Any] = field(default_factory=dict)
+    headers: Headers = field(default_factory=dict)
     content_type: str | None = None
     content_encoding: str | None = None
     delivery_mode: int | None = None
