@@ -11,7 +11,7 @@
     │   └── PermanentError     the destination refused this one message: dead-letter it
     └── AmqpError              the source's connection failed or was closed by the broker
 
-Third-party errors (aiormq, redis) are translated at the sink boundary with ``raise ... from exc``;
+Third-party errors (redis) are translated at the sink boundary with ``raise ... from exc``;
 nothing above the sinks catches a library's exception type.
 """
 
@@ -77,4 +77,13 @@ class PermanentError(DestinationError):
 
 
 class AmqpError(ProxyError):
-    """The source's AMQP connection failed, or the broker closed it; the source reconnects."""
+    """An AMQP connection failed, or the broker closed it; its owner reconnects."""
+
+
+class ChannelClosed(AmqpError):
+    """The broker closed the channel: ``reply_code`` (403, 404, 406...) and ``reply_text``."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"channel closed by the broker: {reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text

@@ -18,8 +18,8 @@ from proxy.errors import ConfigError
 
 LEVEL_ENV = "MESSAGE_PROXY_LOG_LEVEL"
 LOGGERS = ("proxy", "workers")
-# The client libraries log connection trouble themselves; their lines must be JSON too.
-LIBRARY_LOGGERS = ("aiormq", "aio_pika", "redis")
+# The client library logs connection trouble itself; its lines must be JSON too.
+LIBRARY_LOGGERS = ("redis",)
 _HANDLER_NAME = "message-proxy-json"
 
 # scheme://user:password@ -- the password runs to the last "@" before a "/" or whitespace, so an
@@ -102,6 +102,6 @@ def configure_logging(level: str | int = "INFO", *, stream: TextIO | None = None
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
-    # Python warnings (e.g. aio-pika's "coroutine 'Connection.close' was never awaited" when a
-    # failed connect is garbage-collected) too, instead of plain text on stderr.
+    # Python warnings (e.g. "coroutine ... was never awaited" when a failed connect is
+    # garbage-collected) too, instead of plain text on stderr.
     logging.captureWarnings(True)

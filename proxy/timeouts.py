@@ -1,9 +1,9 @@
 """Waits that end on time even when the awaited code swallows its cancellation.
 
-``asyncio.timeout`` works by cancelling the awaited code and trusting it to stop. aiormq does not
-always (its RPC wrappers re-raise a stored exception instead, and some paths ``uncancel``), and a
-shutdown that hangs on one is a worker that never exits. Here the work runs as its own task; when
-time is up it is cancelled and abandoned, not waited on.
+``asyncio.timeout`` works by cancelling the awaited code and trusting it to stop. Client library
+code does not always (an RPC wrapper that re-raises a stored exception instead, a path that
+``uncancel``s), and a shutdown that hangs on one is a worker that never exits. Here the work runs
+as its own task; when time is up it is cancelled and abandoned, not waited on.
 """
 
 from __future__ import annotations

@@ -16,20 +16,15 @@ from pamqp import frame as pamqp_frame
 from pamqp.header import ContentHeader
 from pydantic import SecretStr
 
+from proxy.amqp.frames import content_header, publish_method
+from proxy.amqp.tables import field_table
 from proxy.config import AmqpSettings
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError, TransientError
 from proxy.message import HOPS_HEADER, Message
 from proxy.routing import ExchangeTarget, StreamTarget
 from proxy.sinks import Publish
-from proxy.sinks.amqp_exchange import (
-    NACK_ATTEMPTS,
-    AmqpExchangeSink,
-    content_header,
-    field_table,
-    message_properties,
-    publish_method,
-)
+from proxy.sinks.amqp_exchange import NACK_ATTEMPTS, AmqpExchangeSink, message_properties
 from tests.helpers import AMQP_URL, amqp_url_via, unique
 from tests.tcp_proxy import TcpProxy
 

@@ -1,4 +1,4 @@
-"""A small AMQP 0-9-1 client for the consuming side: one connection, one channel, no tasks.
+"""A small AMQP 0-9-1 client: one connection, one channel, no tasks.
 
 The source's cost per message is the client library's, not ours: aiormq reads every frame
 through a stream reader, a lock and a queue, decodes it with pamqp's general decoder and starts
@@ -8,8 +8,12 @@ frames by hand (``frames``) and hands the message to the consumer's callback syn
 Acks and rejects are single writes. Everything else (handshake, qos, declarations, consume,
 cancel, close) is a plain request and reply, one at a time.
 
-What it does not do, because the source does not need it: publish, more than one channel,
-flow control (prefetch bounds what the broker sends), and reconnecting (the source's loop does).
+The publishing side (``publisher``) uses the same connection through three hooks that the
+consumer leaves unset: ``on_confirm`` (publisher confirms), ``on_return`` (a mandatory publish
+given back, assembled from its frames like a delivery) and ``on_blocked`` (``connection.blocked``
+and ``connection.unblocked``, also kept in ``blocked``), and writes its frames with ``write``.
+
+What it does not do: more than one channel, and reconnecting (its owner's loop does).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pamqp import commands as spec
 from pamqp.base import Frame
 
 from proxy.amqp import frames as wire
-from proxy.errors import AmqpError
+from proxy.errors import AmqpError, ChannelClosed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ CLOSE_OK_WAIT_S = 1.0
 # Called for every delivery: the message's fields (``Message``'s names, ``queue`` left to the
 # caller), its delivery tag, and why its properties could not be read (None when they could).
 Consumer = Callable[[dict[str, Any], int, str | None], None]
+# A publisher confirm: acked (else nacked), delivery tag, multiple.
+ConfirmHandler = Callable[[bool, int, bool], None]
 ReplyT = TypeVar("ReplyT", bound=Frame)
 
 
@@ -125,6 +131,11 @@ class AmqpConnection(asyncio.Protocol):
         self._close_ok_timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
         self.closed: asyncio.Future[AmqpError] = self._loop.create_future()
+        self.frame_max = FRAME_MAX
+        self.blocked: str | None = None  # the broker's reason while it blocks this connection
+        self.on_confirm: ConfirmHandler = _no_confirms
+        self.on_return: Consumer | None = None
+        self.on_blocked: Callable[[str | None], None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
@@ -173,12 +184,13 @@ class AmqpConnection(asyncio.Protocol):
             spec.Connection.Tune,
         )
         self._heartbeat = endpoint.heartbeat  # ours, as aiormq does: 0 turns heartbeats off
+        self.frame_max = _negotiate(tune.frame_max, FRAME_MAX)
         self._send(
             wire.method_frame(
                 0,
                 spec.Connection.TuneOk(
                     channel_max=_negotiate(tune.channel_max, CHANNEL),
-                    frame_max=_negotiate(tune.frame_max, FRAME_MAX),
+                    frame_max=self.frame_max,
                     heartbeat=self._heartbeat,
                 ),
             )
@@ -219,6 +231,10 @@ class AmqpConnection(asyncio.Protocol):
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         method = spec.Queue.Bind(queue=queue, exchange=exchange, routing_key=routing_key)
         await self._call(CHANNEL, method, spec.Queue.BindOk)
+
+    async def confirm_select(self) -> None:
+        """Put the channel in confirm mode: every publish from now on is acked or nacked."""
+        await self._call(CHANNEL, spec.Confirm.Select(), spec.Confirm.SelectOk)
 
     async def consume(self, queue: str, consumer: Consumer) -> str:
         """Start consuming ``queue`` (acks required); returns the consumer tag."""
@@ -262,6 +278,10 @@ class AmqpConnection(asyncio.Protocol):
 
     def reject(self, delivery_tag: int, *, requeue: bool = False) -> None:
         self._send(wire.reject_frame(CHANNEL, delivery_tag, requeue=requeue))
+
+    def write(self, data: bytes) -> None:
+        """Write frames as they are (publishes); raises ``AmqpError`` once closed."""
+        self._send(data)
 
     def _send(self, data: bytes) -> None:
         if not self._send_if_open(data):
@@ -409,7 +429,11 @@ class AmqpConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def _on_method(self, channel: int, payload: bytes) -> None:
-        if wire.method_id(payload) == wire.BASIC_DELIVER:
+        kind = wire.method_id(payload)
+        if kind in _CONFIRMS:
+            self.on_confirm(kind == wire.BASIC_ACK, *wire.decode_confirm(payload))
+            return
+        if kind == wire.BASIC_DELIVER:
             consumer_tag, tag, values = wire.decode_deliver(payload)
             consumer = self._consumers.get(consumer_tag)
             if consumer is None:
@@ -420,7 +444,9 @@ class AmqpConnection(asyncio.Protocol):
             self._delivery = _Delivery(consumer, tag, values)
             return
         method = wire.decode_method(payload)
-        if isinstance(method, spec.Connection.Close):
+        if isinstance(method, _PUBLISHER_NOTICES):
+            self._on_publisher_notice(method)
+        elif isinstance(method, spec.Connection.Close):
             self._send_if_open(wire.method_frame(0, spec.Connection.CloseOk()))
             self._finish(
                 AmqpError(f"closed by the broker: {method.reply_code} {method.reply_text}")
@@ -429,23 +455,39 @@ class AmqpConnection(asyncio.Protocol):
                 self._transport.close()  # after the reply is written
         elif isinstance(method, spec.Channel.Close):
             # One channel per connection: a closed channel ends the connection too, politely.
-            reason = f"{method.reply_code} {method.reply_text}"
+            error = ChannelClosed(method.reply_code or 0, method.reply_text or "")
             self._send_if_open(wire.method_frame(channel, spec.Channel.CloseOk()))
-            self._end(AmqpError(f"channel closed by the broker: {reason}"), 200, reason)
+            self._end(error, 200, f"{error.reply_code} {error.reply_text}")
         elif isinstance(method, spec.Basic.Cancel):  # the queue was deleted, or similar
             self._consumers.pop(method.consumer_tag or "", None)
             if not method.nowait:
                 self._send_if_open(
                     wire.method_frame(channel, spec.Basic.CancelOk(method.consumer_tag))
                 )
-        elif isinstance(method, spec.Connection.Blocked | spec.Connection.Unblocked):
-            log.info("amqp: %s", method.name)  # publishers only: consuming goes on
         elif self._reply is not None and not self._reply.done():
             if isinstance(method, spec.Basic.ConsumeOk) and self._next_consumer is not None:
                 self._consumers[method.consumer_tag or ""] = self._next_consumer
             self._reply.set_result(method)
         else:
             log.warning("amqp: unexpected %s from the broker", method.name)
+
+    def _on_publisher_notice(self, method: Frame) -> None:
+        if isinstance(method, spec.Basic.Return):  # its content frames follow, as a delivery's
+            values = {
+                "reply_code": method.reply_code,
+                "reply_text": method.reply_text,
+                "exchange": method.exchange,
+                "routing_key": method.routing_key,
+            }
+            self._delivery = _Delivery(self.on_return or _ignore, 0, values)
+            return
+        # connection.blocked and unblocked: sent to publishing connections only.
+        blocked = None
+        if isinstance(method, spec.Connection.Blocked):
+            blocked = method.reason or "blocked"
+        self.blocked = blocked
+        if self.on_blocked is not None:
+            self.on_blocked(blocked)
 
     def _on_header(self, payload: bytes) -> None:
         delivery = self._delivery
@@ -515,6 +557,10 @@ def _short(text: str) -> str:
     return text.encode()[:255].decode(errors="ignore")
 
 
+_CONFIRMS = (wire.BASIC_ACK, wire.BASIC_NACK)
+_PUBLISHER_NOTICES = (spec.Basic.Return, spec.Connection.Blocked, spec.Connection.Unblocked)
+
+
 def _negotiate(server: int, client: int) -> int:
     """RabbitMQ's rule: the smaller of the two, unless one side has no limit (0)."""
     if server == 0 or client == 0:
@@ -530,3 +576,7 @@ def _expected(answer: Frame, reply: type[ReplyT]) -> ReplyT:
 
 def _ignore(_values: dict[str, Any], _tag: int, _defect: str | None) -> None:
     return None
+
+
+def _no_confirms(_acked: bool, _delivery_tag: int, _multiple: bool) -> None:
+    log.warning("amqp: a publisher confirm on a connection that does not publish")
