@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -370,6 +371,28 @@ class StreamDestination(Frozen):
         return _template(value)
 
 
+DECLARE_DESCRIPTION = (
+    "Declare the exchange as a durable topic exchange when the worker connects (again on every"
+    " reconnect), so that it need not exist beforehand. The name must be fixed: no placeholders,"
+    " not the default exchange and not one of RabbitMQ's own `amq.*` exchanges."
+)
+
+
+def declared_name(exchange: str) -> str:
+    """The exchange a ``declare = true`` destination declares; ``ValueError`` when it cannot."""
+    template = Template.parse(exchange)
+    if not template.is_constant:
+        raise ValueError(
+            f"declare = true needs a fixed exchange name; {exchange!r} has placeholders"
+        )
+    name = "".join(part for part in template.parts if isinstance(part, str))
+    if not name:
+        raise ValueError("declare = true cannot declare the default exchange ''")
+    if name.startswith("amq."):
+        raise ValueError(f"declare = true cannot declare {name!r}: amq.* names are RabbitMQ's")
+    return name
+
+
 class ExchangeDestination(Frozen):
     """An AMQP exchange: published mandatory and publisher-confirmed, body and properties
     unchanged."""
@@ -386,6 +409,11 @@ class ExchangeDestination(Frozen):
         description=f"The routing key to publish with. {TEMPLATE_HELP}",
         examples=["audit.{queue}"],
     )
+    declare: bool = Field(
+        False,
+        description=DECLARE_DESCRIPTION,
+        examples=[True],
+    )
 
     @field_validator("exchange")
     @classmethod
@@ -397,6 +425,13 @@ class ExchangeDestination(Frozen):
     @classmethod
     def _routing_key(cls, value: str) -> str:
         return _template(value, allow_empty=True)
+
+    @field_validator("declare")
+    @classmethod
+    def _declare(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "exchange" in info.data:  # a bad name has its own error already
+            declared_name(info.data["exchange"])
+        return value
 
 
 def _destination_kind(value: Any) -> str | None:
@@ -559,6 +594,11 @@ class DeadLetter(Frozen):
         description=f"With `exchange`: the routing key to publish with. {TEMPLATE_HELP}",
         examples=["{queue}"],
     )
+    declare: bool = Field(
+        False,
+        description=DECLARE_DESCRIPTION + " Only with `exchange`.",
+        examples=[True],
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> DeadLetter:
@@ -575,10 +615,22 @@ class DeadLetter(Frozen):
                 _template(value)
         return self
 
+    @field_validator("declare")
+    @classmethod
+    def _declare(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if info.data.get("exchange") is None:
+            raise ValueError("declare = true needs 'exchange': a stream is not declared")
+        declared_name(info.data["exchange"])
+        return value
+
     def destination(self) -> StreamDestination | ExchangeDestination:
         if self.stream is not None:
             return StreamDestination(stream=self.stream, maxlen=self.maxlen)
-        return ExchangeDestination(exchange=self.exchange or "", routing_key=self.routing_key)
+        return ExchangeDestination(
+            exchange=self.exchange or "", routing_key=self.routing_key, declare=self.declare
+        )
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -729,6 +781,18 @@ class Config(Frozen):
     def uses_streams(self) -> bool:
         dead_letter_stream = self.dead_letter is not None and self.dead_letter.stream is not None
         return bool(self.stream_routes()) or dead_letter_stream
+
+    def declared_exchanges(self) -> list[str]:
+        """Exchange destinations with ``declare = true``, in file order, each once."""
+        names = [
+            declared_name(d.exchange)
+            for route in self.routes
+            for d in route.to
+            if isinstance(d, ExchangeDestination) and d.declare
+        ]
+        if self.dead_letter is not None and self.dead_letter.declare:
+            names.append(declared_name(self.dead_letter.exchange or ""))
+        return list(dict.fromkeys(names))
 
     def uses_exchanges(self) -> bool:
         dead_letter_exchange = (

@@ -92,7 +92,9 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
         from proxy.sinks.amqp_exchange import AmqpExchangeSink
 
         sinks[ExchangeTarget] = AmqpExchangeSink(
-            config.amqp_out or config.amqp, connection_name=f"message-proxy {role} publisher"
+            config.amqp_out or config.amqp,
+            connection_name=f"message-proxy {role} publisher",
+            declare=config.declared_exchanges(),
         )
     return sinks
 
