@@ -162,7 +162,11 @@ class WorkerProcess:
             return ""
 
     def __enter__(self) -> WorkerProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # not ready: no __exit__ follows, so it must not outlive the test
+            self.kill()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
