@@ -168,7 +168,10 @@ class AmqpExchangeSink:
 
     async def aclose(self) -> None:
         self._closed = True
-        await self._lose("closed")
+        state = self._state
+        self._state = _Down("closed", time.monotonic())
+        if isinstance(state, _Up):
+            await self._drop(state, "closed")
 
     # --- connection ---
 
@@ -183,7 +186,7 @@ class AmqpExchangeSink:
             if self._closed:
                 raise TransientError("amqp_out: the sink is closed")
             if isinstance(state, _Up):
-                await self._lose(_closed_reason(state.publisher))
+                await self._drop(state, _closed_reason(state.publisher))
             self._state = up = await self._open(self._next_endpoint())
             log.info("amqp_out: connected to %s", display_url(self._settings.url))
             return up
@@ -211,14 +214,14 @@ class AmqpExchangeSink:
             ) from exc
         return _Up(publisher, endpoint)
 
-    async def _lose(self, reason: str) -> None:
-        state = self._state
-        self._state = _Down(reason, time.monotonic())
-        if isinstance(state, _Up):
-            try:
-                await state.publisher.close(CLOSE_TIMEOUT_S)
-            except Exception as exc:  # closing must go on whatever the connection does
-                log.debug("amqp_out: close failed: %s", exc)
+    async def _drop(self, up: _Up, reason: str) -> None:
+        """Close ``up``; the sink is down unless a newer link (a ping's) has replaced it."""
+        if self._state is up:
+            self._state = _Down(reason, time.monotonic())
+        try:
+            await up.publisher.close(CLOSE_TIMEOUT_S)
+        except Exception as exc:  # closing must go on whatever the connection does
+            log.debug("amqp_out: close failed: %s", exc)
 
     # --- publishing ---
 
@@ -280,20 +283,20 @@ class AmqpExchangeSink:
             # Lost since the last round, not by our doing: reported once, so that the batch is
             # held and readiness shows it; the retry reconnects.
             reason = _closed_reason(state.publisher)
-            await self._lose(reason)
+            await self._drop(state, reason)
             raise TransientError(f"amqp_out: connection lost: {reason}")
         up = await self._link()
         timeout = self._settings.publish_timeout
         try:
             results = await up.publisher.publish(items, confirm_within=timeout)
         except TimeoutError as exc:
-            await self._lose("publish timed out")
+            await self._drop(up, "publish timed out")
             raise TransientError(f"amqp_out: no publisher confirm within {timeout:g}s") from exc
         except AmqpError as exc:
-            await self._lose(_text(exc))
+            await self._drop(up, _text(exc))
             raise TransientError(f"amqp_out: lost before the confirm: {_text(exc)}") from exc
         if up.publisher.is_closed:  # refused: the broker closed the channel, and so the link
-            await self._lose(_closed_reason(up.publisher))
+            await self._drop(up, _closed_reason(up.publisher))
         return results
 
 
