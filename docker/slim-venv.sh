@@ -7,9 +7,9 @@
 #   - debug symbols of shared objects (strip --strip-unneeded; skipped when strip is missing)
 #   - tests/ and test/ folders of installed packages
 #   - type stubs (*.pyi, py.typed) and extension sources (*.c *.h *.pyx *.pxd *.pxi)
-#   - *.dist-info folders, cut down to a METADATA with Metadata-Version, Name and Version (aio-pika
-#     and aiormq read their version at import), plus entry_points.txt when it registers plugins
-#     (a group other than console_scripts, gui_scripts and pyinstaller40)
+#   - *.dist-info folders, cut down to a METADATA with Metadata-Version, Name and Version (the
+#     worker reads its own version there for build_info), plus entry_points.txt when it registers
+#     plugins (a group other than console_scripts, gui_scripts and pyinstaller40)
 #   - every *.pyc but *.opt-2.pyc: the packages are compiled with `python -OO`, the bytecode that
 #     PYTHONOPTIMIZE=2 reads; plain and opt-1 bytecode would never be used
 # Then each MODULE is imported with -OO: a slimmed venv that cannot import its entry point fails

@@ -13,6 +13,7 @@ from pamqp import commands as spec
 from pamqp import frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+from pydantic import SecretStr
 
 from proxy.amqp import frames as wire
 from proxy.amqp.connection import Endpoint
@@ -26,7 +27,10 @@ from proxy.amqp.publisher import (
     _returned_position,
     _Round,
 )
+from proxy.config import AmqpSettings
+from proxy.errors import TransientError
 from proxy.message import RawProperties
+from proxy.sinks.amqp_exchange import AmqpExchangeSink
 from tests.helpers import AMQP_URL, delete_queues, unique
 from tests.raw_client import RawClient
 
@@ -213,3 +217,23 @@ async def test_a_refusal_ends_the_connection_with_the_rest_refused(publisher: Pu
     assert all(isinstance(r, Refused) and r.detail.startswith("404 NOT_FOUND") for r in results)
     assert missing in results[0].detail  # type: ignore[union-attr]
     assert publisher.is_closed
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        pytest.param(
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2F", "403 ACCESS_REFUSED", id="password"
+        ),
+        pytest.param("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "530 NOT_ALLOWED",
+                     id="vhost"),
+    ],
+)  # fmt: skip
+async def test_a_refused_login_says_why_and_never_the_password(url: str, reason: str) -> None:
+    sink = AmqpExchangeSink(AmqpSettings(url=SecretStr(url), connect_timeout=5))
+    with pytest.raises(TransientError) as caught:
+        await sink.ping()
+    assert reason in str(caught.value)
+    assert "not-the-password" not in str(caught.value)
+    await sink.aclose()
