@@ -1,4 +1,4 @@
-"""Exponential backoff: 100 ms doubling to a 30 s cap (CONTRACT.md section 4)."""
+"""Exponential backoff: 100 ms doubling to a 30 s cap, for retried batches and connections."""
 
 from __future__ import annotations
 

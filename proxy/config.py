@@ -1,4 +1,4 @@
-"""The config file (CONTRACT.md section 1), parsed once at the edge into frozen objects.
+"""The config file, parsed once at the edge into frozen objects; docs/CONFIG.md is made from it.
 
 ``load_config`` reads TOML, applies ``MESSAGE_PROXY_<SECTION>__<KEY>`` environment overrides,
 validates with pydantic and turns every problem into one ``ConfigError`` that names the key.

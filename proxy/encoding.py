@@ -1,4 +1,4 @@
-"""What lands in a Redis stream (CONTRACT.md section 2): pure functions over ``Message``."""
+"""What lands in a Redis stream (docs/REFERENCE.md): pure functions over ``Message``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every Prometheus metric message-proxy exports, on an injected registry (CONTRACT.md section 6).
+"""Every Prometheus metric message-proxy exports (docs/OPERATING.md), on an injected registry.
 
 Destination labels are always the configured template (``orders:{headers.tenant}``), never the
 expanded name, so label cardinality is bounded by the config file.

@@ -1,7 +1,7 @@
 """Route rules as pure functions: a ``Message`` in, destinations or a dead-letter reason out.
 
 No I/O here. ``Router.route`` never raises for a message: every failure is a ``Rejected`` with one
-of the reason codes of CONTRACT.md section 2.
+of the dead-letter reason codes (docs/REFERENCE.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP sidecar: ``/health``, ``/ready`` and ``/metrics`` on one daemon thread (CONTRACT.md 5).
+"""The HTTP sidecar: ``/health``, ``/ready`` and ``/metrics`` on one daemon thread.
 
 It only reads ``HealthState.snapshot()`` and the metrics registry; it never calls into the event
 loop. One selector loop serves every connection, so an idle or hostile client costs a file

@@ -253,7 +253,6 @@ def find_python312() -> str | None:
     candidates = [
         os.environ.get("MESSAGE_PROXY_TEST_PYTHON312", ""),
         *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))),
-        *sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12")),
         "/usr/local/bin/python3.12",
         "/usr/bin/python3.12",
     ]
@@ -491,11 +490,10 @@ def measure() -> None:  # pragma: no cover - prints the figures for docs/IMAGES.
         sys.exit("needs a CPython 3.12 and uv")
     print(f"python: {python}")
     ours = context_files()
-    seed_rules = parse_dockerignore(SEED_DOCKERIGNORE)
-    seed = context_files(rules=seed_rules)
+    denylist = context_files(rules=parse_dockerignore(DENYLIST_DOCKERIGNORE))
     everything = context_files(rules=[])
     print("\n## build context")
-    for label, files in (("ours", ours), ("seed list", seed), ("no .dockerignore", everything)):
+    for label, files in (("ours", ours), ("deny-list", denylist), ("no .dockerignore", everything)):
         print(f"{label:>18}: {len(files):6d} files {sum(files.values()):12d} bytes")
     with tempfile.TemporaryDirectory(prefix="message-proxy-images-") as tmp:
         for role in ROLES.values():
@@ -503,7 +501,8 @@ def measure() -> None:  # pragma: no cover - prints the figures for docs/IMAGES.
             _report(replay, python)
 
 
-SEED_DOCKERIGNORE = """
+# A typical deny-list .dockerignore: editor folders, env files, build output, CI files, docs, tests.
+DENYLIST_DOCKERIGNORE = """
 .project
 .pydevproject
 .settings/
@@ -554,16 +553,16 @@ def _report(replay: Replay, python: str) -> None:  # pragma: no cover
             ),
         ),
     }
-    # the seed note's slimming on the same venv: no .pyc, no dist-info, no strip
-    seed = before.parent / f"{replay.role.name}-seed"
-    shutil.copytree(before, seed, symlinks=True)
-    for path in list(site_packages(seed).glob("*.dist-info")):
+    # the usual slimming recipe on the same venv: no .pyc, no dist-info, no strip
+    usual = before.parent / f"{replay.role.name}-usual"
+    shutil.copytree(before, usual, symlinks=True)
+    for path in list(site_packages(usual).glob("*.dist-info")):
         shutil.rmtree(path)
-    rows["venv, seed note's slimming"] = tree_bytes(seed)
+    rows["venv, the usual recipe"] = tree_bytes(usual)
     for label, value in rows.items():
         print(f"{label:>40}: {value:12d} bytes ({_mib(value)})")
-    seed_import = subprocess.run(
-        [str(seed / "bin" / "python"), "-c", f"import {', '.join(startup_modules(dockerfile))}"],
+    usual_import = subprocess.run(
+        [str(usual / "bin" / "python"), "-c", f"import {', '.join(startup_modules(dockerfile))}"],
         env=clean_env({"PYTHONOPTIMIZE": "2", "PYTHONDONTWRITEBYTECODE": "1"}),
         capture_output=True,
         text=True,
@@ -571,8 +570,8 @@ def _report(replay: Replay, python: str) -> None:  # pragma: no cover
         cwd=tempfile.gettempdir(),
     )
     print(
-        f"seed venv, import: exit {seed_import.returncode}: "
-        f"{(seed_import.stderr.strip().splitlines() or [''])[-1]}"
+        f"usual-recipe venv, import: exit {usual_import.returncode}: "
+        f"{(usual_import.stderr.strip().splitlines() or [''])[-1]}"
     )
     # start-up: the import of the entry point as the image runs it, with and without bytecode
     imports = ", ".join(startup_modules(dockerfile))
@@ -593,7 +592,7 @@ def _report(replay: Replay, python: str) -> None:  # pragma: no cover
     cases = {
         "opt-2 bytecode for the venv and the stdlib (the image)": runtime,
         "opt-2 bytecode for the venv only": {**runtime, "PYTHONPYCACHEPREFIX": str(venv_only)},
-        "no bytecode at all (seed note, read-only root)": {
+        "no bytecode at all (every .pyc deleted, read-only root)": {
             **runtime,
             "PYTHONPYCACHEPREFIX": str(empty),
         },

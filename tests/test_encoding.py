@@ -1,4 +1,4 @@
-"""Stream entry fields (CONTRACT.md section 2) and templates, as tables."""
+"""Stream entry fields (docs/REFERENCE.md) and templates, as tables."""
 
 from __future__ import annotations
 

@@ -284,7 +284,7 @@ def test_build_context_holds_what_the_dockerfiles_copy_and_little_else(
 @pytest.mark.parametrize(
     "path",
     [
-        # the seed note's list
+        # a typical deny-list's entries
         ".project",
         ".pydevproject",
         ".settings/org.eclipse.core.resources.prefs",
@@ -407,7 +407,7 @@ def test_stop_grace_period_outlasts_the_shutdown_timeout(
     role: str, compose: dict[str, Any]
 ) -> None:
     config = tomllib.loads(ROLES[role].config.read_text())
-    shutdown_timeout = float(config.get("shutdown_timeout", 10))  # CONTRACT.md section 4
+    shutdown_timeout = float(config.get("shutdown_timeout", 10))  # the config's default
     grace = seconds(compose["services"][role]["stop_grace_period"])
     assert grace >= shutdown_timeout + 5  # room to close connections after the drain
 

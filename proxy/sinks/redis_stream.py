@@ -1,4 +1,4 @@
-"""Redis Streams: one pipelined round trip per batch (CONTRACT.md section 2).
+"""Redis Streams: one pipelined round trip per batch; the entry fields are ``proxy.encoding``'s.
 
 Plain destinations get one XADD per entry. A ``dedupe = true`` destination writes a message with a
 ``message_id`` at most once per stream within ``[dedupe] window``, the check and the XADD being one
