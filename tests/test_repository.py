@@ -67,3 +67,37 @@ def test_the_patterns_catch_what_they_are_for() -> None:
     harmless = ["rm -rf /root/.cache", "tests/data/contract.toml", "/etc/message-proxy/c.toml"]
     for example in harmless:
         assert not any(pattern.search(example) for pattern, _ in OUTSIDE), example
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6} (.+?)\s*$", re.MULTILINE)
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (a repeated heading gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in _HEADING.findall(_FENCE.sub("", markdown)):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_links_between_the_docs_resolve() -> None:
+    broken = []
+    for page in (p for p in _repository_files() if p.suffix == ".md"):
+        text = _FENCE.sub("", page.read_text(encoding="utf-8"))
+        for target in _LINK.findall(text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                if anchor not in _anchors(linked.read_text(encoding="utf-8")):
+                    broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
