@@ -564,7 +564,8 @@ class Route(Frozen):
 class DeadLetter(Frozen):
     """Where messages that cannot be delivered go, with the reason: a Redis stream or an AMQP
     exchange (set exactly one of `stream` and `exchange`). Without this table such a message is
-    rejected without requeue, so the queue's own dead-letter exchange, if it has one, applies."""
+    rejected without requeue, so the queue's own dead-letter exchange, if it has one, applies.
+    A dead-letter destination that refuses or is down holds the batch until it accepts."""
 
     stream: str | None = Field(
         None,
