@@ -104,6 +104,26 @@ async def test_a_deleted_queue_cancels_the_consumer_and_the_tag_goes(queue: str)
         await connection.close()
 
 
+async def test_a_refusal_on_the_side_channel_leaves_the_consuming_channel_alone(
+    queue: str,
+) -> None:
+    await publish([aio_pika.Message(b"held")], routing_key=queue)
+    connection = await open_connection()
+    try:
+        received = Received()
+        await connection.consume(queue, received)
+        await async_wait_for(lambda: len(received.items) == 1, within=5)
+        for _ in range(2):  # the side channel is opened again after each refusal
+            with pytest.raises(AmqpError, match="404 NOT_FOUND"):
+                await connection.declare_queue(unique("missing"), None, passive=True, side=True)
+        await connection.declare_queue(queue, None, passive=True, side=True)
+        assert not connection.is_closed
+        connection.ack(received.items[0][1])  # the delivery held meanwhile is still ours
+    finally:
+        await connection.close()
+    assert await queue_depth(queue) == 0  # acked: not given back by the close
+
+
 async def test_a_channel_error_closes_the_connection_with_the_brokers_reason() -> None:
     connection = await open_connection()
     with pytest.raises(AmqpError, match="404"):

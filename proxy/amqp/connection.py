@@ -38,6 +38,9 @@ from proxy.errors import AmqpError, ChannelClosed
 log = logging.getLogger(__name__)
 
 CHANNEL = 1
+# Declarations and checks go here: a refusal (404, 406) closes this channel only, not the one
+# consuming, whose unacked deliveries would all go back to their queues.
+SIDE_CHANNEL = 2
 FRAME_MAX = 131_072
 CLOSE_TIMEOUT_S = 5.0
 MISSED_HEARTBEATS = 3  # as aiormq: the peer is gone after three silent intervals
@@ -127,9 +130,11 @@ class AmqpConnection(asyncio.Protocol):
         self._last_sent = time.monotonic()
         self._heartbeats: asyncio.Task[None] | None = None
         self._channel_open = False
+        self._side_channel_open = False
         self._handle_frames: Callable[[bytes], int] = self._frames
         self._close_ok_timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
+        self.on_cancel: Callable[[], None] | None = None  # the broker cancelled a consumer
         self.closed: asyncio.Future[AmqpError] = self._loop.create_future()
         self.frame_max = FRAME_MAX
         self.blocked: str | None = None  # the broker's reason while it blocks this connection
@@ -189,7 +194,7 @@ class AmqpConnection(asyncio.Protocol):
             wire.method_frame(
                 0,
                 spec.Connection.TuneOk(
-                    channel_max=_negotiate(tune.channel_max, CHANNEL),
+                    channel_max=_negotiate(tune.channel_max, SIDE_CHANNEL),
                     frame_max=self.frame_max,
                     heartbeat=self._heartbeat,
                 ),
@@ -220,17 +225,40 @@ class AmqpConnection(asyncio.Protocol):
     async def qos(self, prefetch_count: int) -> None:
         await self._call(CHANNEL, spec.Basic.Qos(prefetch_count=prefetch_count), spec.Basic.QosOk)
 
-    async def declare_queue(self, queue: str, arguments: dict[str, Any] | None) -> None:
-        method = spec.Queue.Declare(queue=queue, durable=True, arguments=arguments)
-        await self._call(CHANNEL, method, spec.Queue.DeclareOk)
+    # Declarations take ``side=True`` to go on the side channel: a refusal raises AmqpError with
+    # the broker's reason and closes that channel alone (reopened by the next side request).
 
-    async def declare_exchange(self, exchange: str, exchange_type: str) -> None:
+    async def declare_queue(
+        self,
+        queue: str,
+        arguments: dict[str, Any] | None,
+        *,
+        passive: bool = False,
+        side: bool = False,
+    ) -> None:
+        """Declare a durable queue; ``passive``: only check that it exists."""
+        method = spec.Queue.Declare(queue=queue, passive=passive, durable=True, arguments=arguments)
+        await self._call(await self._channel(side), method, spec.Queue.DeclareOk)
+
+    async def declare_exchange(
+        self, exchange: str, exchange_type: str, *, side: bool = False
+    ) -> None:
         method = spec.Exchange.Declare(exchange=exchange, exchange_type=exchange_type, durable=True)
-        await self._call(CHANNEL, method, spec.Exchange.DeclareOk)
+        await self._call(await self._channel(side), method, spec.Exchange.DeclareOk)
 
-    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+    async def bind(
+        self, queue: str, exchange: str, routing_key: str, *, side: bool = False
+    ) -> None:
         method = spec.Queue.Bind(queue=queue, exchange=exchange, routing_key=routing_key)
-        await self._call(CHANNEL, method, spec.Queue.BindOk)
+        await self._call(await self._channel(side), method, spec.Queue.BindOk)
+
+    async def _channel(self, side: bool) -> int:
+        if not side:
+            return CHANNEL
+        if not self._side_channel_open:
+            await self._call(SIDE_CHANNEL, spec.Channel.Open(), spec.Channel.OpenOk)
+            self._side_channel_open = True
+        return SIDE_CHANNEL
 
     async def confirm_select(self) -> None:
         """Put the channel in confirm mode: every publish from now on is acked or nacked."""
@@ -454,16 +482,9 @@ class AmqpConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()  # after the reply is written
         elif isinstance(method, spec.Channel.Close):
-            # One channel per connection: a closed channel ends the connection too, politely.
-            error = ChannelClosed(method.reply_code or 0, method.reply_text or "")
-            self._send_if_open(wire.method_frame(channel, spec.Channel.CloseOk()))
-            self._end(error, 200, f"{error.reply_code} {error.reply_text}")
-        elif isinstance(method, spec.Basic.Cancel):  # the queue was deleted, or similar
-            self._consumers.pop(method.consumer_tag or "", None)
-            if not method.nowait:
-                self._send_if_open(
-                    wire.method_frame(channel, spec.Basic.CancelOk(method.consumer_tag))
-                )
+            self._on_channel_close(channel, method)
+        elif isinstance(method, spec.Basic.Cancel):
+            self._on_cancel(channel, method)
         elif self._reply is not None and not self._reply.done():
             if isinstance(method, spec.Basic.ConsumeOk) and self._next_consumer is not None:
                 self._consumers[method.consumer_tag or ""] = self._next_consumer
@@ -488,6 +509,25 @@ class AmqpConnection(asyncio.Protocol):
         self.blocked = blocked
         if self.on_blocked is not None:
             self.on_blocked(blocked)
+
+    def _on_cancel(self, channel: int, method: spec.Basic.Cancel) -> None:
+        """The broker cancelled a consumer: its queue was deleted, or similar."""
+        self._consumers.pop(method.consumer_tag or "", None)
+        if not method.nowait:
+            self._send_if_open(wire.method_frame(channel, spec.Basic.CancelOk(method.consumer_tag)))
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    def _on_channel_close(self, channel: int, method: spec.Channel.Close) -> None:
+        error = ChannelClosed(method.reply_code or 0, method.reply_text or "")
+        self._send_if_open(wire.method_frame(channel, spec.Channel.CloseOk()))
+        if channel == SIDE_CHANNEL:  # a refused declaration: the consuming channel goes on
+            self._side_channel_open = False
+            if self._reply is not None and not self._reply.done():
+                self._reply.set_exception(error)
+            return
+        # The channel is the connection's reason to be: it ends too, politely.
+        self._end(error, 200, f"{error.reply_code} {error.reply_text}")
 
     def _on_header(self, payload: bytes) -> None:
         delivery = self._delivery
