@@ -33,6 +33,8 @@ from tests.helpers import (
     publish,
     queue_depth,
     redis_url_via,
+    stream_entries,
+    stream_length,
     stream_message_ids,
     unique,
     wait_for,
@@ -142,10 +144,12 @@ async def queue() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
+async def running(worker: Worker, consumers: int = 1) -> AsyncIterator[Worker]:
     task = asyncio.create_task(worker.run())
     try:
-        await async_wait_for(lambda: worker.health.snapshot().consumers == 1, what="consuming")
+        await async_wait_for(
+            lambda: worker.health.snapshot().consumers == consumers, what="consuming"
+        )
         yield worker
     finally:
         worker.stop_requested.set()
@@ -283,3 +287,77 @@ async def drained_message_ids(queue: str) -> list[str]:
 
 async def queue_depth_is(queue: str, depth: int) -> bool:
     return await queue_depth(queue) == depth
+
+
+# --- a consumer the broker cancels ------------------------------------------------------------
+
+
+async def test_a_deleted_queue_is_consumed_again_and_the_held_batch_of_the_others_stays(
+    metrics: Metrics, proxies: dict[str, TcpProxy]
+) -> None:
+    """Three sources: a quorum queue with a delivery limit whose batch is held (Redis cut), and
+    two classic queues deleted meanwhile, one declared by the worker, one not."""
+    quorum, declared, external = unique("quorum"), unique("declared"), unique("external")
+    exchange, stream = unique("x"), unique("s")
+    text = f"""
+[redis]
+url = "{redis_url_via(proxies["redis"].port)}"
+timeout = 1
+
+[[routes]]
+name = "all"
+to = [ {{ stream = "{stream}" }} ]
+
+[[sources]]
+queue = "{quorum}"
+arguments = {{ "x-queue-type" = "quorum", "x-delivery-limit" = 1 }}
+
+[[sources]]
+queue = "{declared}"
+bindings = [ {{ exchange = "{exchange}", routing_key = "#" }} ]
+
+[[sources]]
+queue = "{external}"
+declare = false
+"""
+    config = parse_config(tomllib.loads(text), environ={})
+    worker = Worker(config, role="all", metrics=metrics, health=HealthState())
+    await declare_topology(external)
+    try:
+        async with running(worker, consumers=3):
+            proxies["redis"].cut()
+            await publish(numbered(30, "held"), routing_key=quorum)
+            await async_wait_for(lambda: worker.pipeline.pending == 30, what="30 held")
+            await delete_queues(declared, external)
+            await async_wait_for(
+                lambda: "consumer" in worker.health.snapshot().problems(), what="not ready"
+            )
+            # Declared again by the worker, with its binding; the other waits for its queue.
+            await async_wait_for(lambda: worker.health.snapshot().consumers == 2, what="2 of 3")
+            await declare_topology(external)
+            await async_wait_for(lambda: worker.health.snapshot().consumers == 3, what="3 of 3")
+            assert "consumer" not in worker.health.snapshot().problems()
+            proxies["redis"].heal()
+            await publish(numbered(1, "bound"), exchange=exchange, routing_key="k")
+            await publish(numbered(1, "external"), routing_key=external)
+            await async_wait_for(lambda: queue_depth_is(quorum, 0), within=15, what="acked")
+            await async_wait_for(
+                lambda: stream_length_is(stream, 32), within=10, what="all in the stream"
+            )
+        entries = await stream_entries(stream)
+        written = Counter(e[b"message_id"].decode() for e in entries)
+        assert written == Counter(
+            {**{f"held-{i}": 1 for i in range(30)}, "bound-0": 1, "external-0": 1}
+        )
+        # Never returned to the quorum queue: a redelivery would carry x-delivery-count.
+        assert not [e for e in entries if b"x-delivery-count" in e.get(b"headers", b"")]
+        assert reconnects(metrics) == 0
+    finally:
+        await delete_queues(quorum, declared, external)
+        await delete_keys(stream)
+        async with await aio_pika.connect(AMQP_URL) as connection:
+            await (await connection.channel()).exchange_delete(exchange)
+
+
+async def stream_length_is(stream: str, length: int) -> bool:
+    return await stream_length(stream) == length

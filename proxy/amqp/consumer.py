@@ -3,15 +3,22 @@
 The connection is ``connection``'s, built for this: deliveries are decoded by hand and handed
 to the pipeline synchronously, with no Task and no queue per message. The reconnect loop is ours,
 so that a lost consumer is seen (readiness turns false) and re-created, never silently gone.
+
+One source never costs the others: a consumer the broker cancels (its queue was deleted) is
+re-created on its own, on the same connection and channel, with backoff while its queue cannot be
+declared or found; the other consumers and every delivery held unacked are left alone. A
+reconnect would give all of those back, and on a quorum queue with ``x-delivery-limit`` every
+return counts towards dead-lettering or dropping the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.amqp.connection import AmqpConnection, Consumer, Endpoint
@@ -54,6 +61,14 @@ class Delivery:
         return not self.channel.is_closed
 
 
+@dataclass(slots=True)
+class _Retry:
+    """A source not consumed: its backoff, and when (monotonic) to try again."""
+
+    backoff: Backoff = field(default_factory=Backoff)
+    due: float = 0.0
+
+
 class AmqpSource:
     def __init__(
         self,
@@ -74,12 +89,14 @@ class AmqpSource:
         self._connection_name = connection_name
         self._clock = clock
         self._stopping = asyncio.Event()
+        self._news = asyncio.Event()  # wakes the watcher
         self._endpoint = Endpoint.from_url(
             settings.url.get_secret_value(), heartbeat=settings.heartbeat
         )
         self._connection: AmqpConnection | None = None
         # Strong references: a consumer nobody holds is a consumer silently gone.
         self._consumer_tags: dict[str, str] = {}
+        self._retries: dict[str, _Retry] = {}  # queues not consumed, and when to try again
         self._health.expect_consumers(len(self._sources))
 
     async def run(self) -> None:
@@ -127,27 +144,69 @@ class AmqpSource:
         self._connection = connection = await AmqpConnection.open(
             self._endpoint, connection_name=self._connection_name
         )
+        connection.on_cancel = self._news.set
+        connection.closed.add_done_callback(lambda _: self._news.set())
         per_consumer = max(1, self._settings.prefetch // len(self._sources))
         await connection.qos(per_consumer)
-        for source in self._sources:
-            if source.declare:
-                await connection.declare_queue(source.queue, source.queue_arguments() or None)
-                for binding in source.bindings:
-                    await connection.declare_exchange(binding.exchange, binding.exchange_type)
-                    await connection.bind(source.queue, binding.exchange, binding.routing_key)
-        for source in self._sources:
-            tag = await connection.consume(
-                source.queue, self._consumer_for(source.queue, connection)
-            )
-            self._consumer_tags[source.queue] = tag
+        await self._start_consumers(connection)
         self._health.set_broker("amqp", True)
         self._metrics.broker_up.labels(broker="amqp").set(1)
-        self._health.set_consumers(len(self._consumer_tags))
         log.info(
             "amqp: consuming %s from %s",
-            ", ".join(s.queue for s in self._sources),
+            ", ".join(self._consumer_tags) or "no queue yet",
             display_url(self._settings.url),
         )
+
+    async def _start_consumers(self, connection: AmqpConnection) -> None:
+        """Start every source not consumed yet whose retry is due; a source whose queue cannot
+        be declared or found is retried with backoff and costs the others nothing."""
+        live = connection.consumer_tags
+        now = self._clock()
+        for source in self._sources:
+            if self._consumer_tags.get(source.queue) in live:
+                continue
+            retry = self._retries.get(source.queue)
+            if retry is not None and retry.due > now:
+                continue
+            try:
+                await self._declare(connection, source)
+                self._consumer_tags[source.queue] = await self._consume(connection, source)
+            except AmqpError as exc:
+                if connection.is_closed:
+                    raise  # the consuming channel is gone: the run loop reconnects
+                retry = self._retries.setdefault(source.queue, _Retry())
+                delay = retry.backoff.next_delay()
+                retry.due = now + delay
+                log.warning(
+                    "amqp: cannot consume %s; retry %d in %.1fs: %s",
+                    source.queue,
+                    retry.backoff.attempts,
+                    delay,
+                    exc,
+                )
+                continue
+            if self._retries.pop(source.queue, None) is not None:
+                log.info("amqp: consuming %s again", source.queue)
+        self._health.set_consumers(self._consumed(connection))
+
+    async def _declare(self, connection: AmqpConnection, source: Source) -> None:
+        """Declare the source's queue and bindings, or (``declare = false``) check that the queue
+        exists: on the side channel, where a refusal closes that channel only."""
+        if not source.declare:
+            await connection.declare_queue(source.queue, None, passive=True, side=True)
+            return
+        await connection.declare_queue(source.queue, source.queue_arguments() or None, side=True)
+        for binding in source.bindings:
+            await connection.declare_exchange(binding.exchange, binding.exchange_type, side=True)
+            await connection.bind(source.queue, binding.exchange, binding.routing_key, side=True)
+
+    async def _consume(self, connection: AmqpConnection, source: Source) -> str:
+        """Start consuming ``source``; returns the consumer tag."""
+        return await connection.consume(source.queue, self._consumer_for(source.queue, connection))
+
+    def _consumed(self, connection: AmqpConnection) -> int:
+        live = connection.consumer_tags
+        return sum(1 for tag in self._consumer_tags.values() if tag in live)
 
     def _consumer_for(self, queue: str, connection: AmqpConnection) -> Consumer:
         deliver, clock, message_of = self._deliver, self._clock, Message.of
@@ -161,17 +220,20 @@ class AmqpSource:
         return on_message
 
     async def _watch(self) -> str:
-        """Return why, when the connection, the channel or any consumer is gone; "" on stop."""
+        """Return why, when the connection or its channel is gone; "" on stop. Meanwhile, start
+        again every consumer the broker cancelled."""
         while not self._stopping.is_set():
             problem = self._problem()
             if problem:
                 self._down(problem)
                 return problem
-            try:
+            connection = self._connection
+            if connection is not None and self._consumed(connection) < len(self._sources):
+                await self._restart_consumers(connection)
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(WATCH_INTERVAL_S):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+                    await self._news.wait()  # a cancel, the connection closing, or stop
+            self._news.clear()
         return ""
 
     def _failure(self, exc: Exception) -> str:
@@ -182,17 +244,31 @@ class AmqpSource:
             return f"no answer within connect_timeout ({self._settings.connect_timeout:g}s)"
         return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
+    async def _restart_consumers(self, connection: AmqpConnection) -> None:
+        live = connection.consumer_tags
+        for queue, tag in self._consumer_tags.items():
+            if tag not in live and queue not in self._retries:
+                self._retries[queue] = _Retry()
+                log.warning(
+                    "amqp: the broker cancelled the consumer of %s (the queue was deleted?); "
+                    "starting it again, the other queues go on",
+                    queue,
+                )
+        self._health.set_consumers(self._consumed(connection))
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout):
+                await self._start_consumers(connection)
+        except TimeoutError:  # a request left unanswered: the channel's state is unknown
+            connection.abort(AmqpError("no answer to a request while starting a consumer again"))
+        except AmqpError:
+            pass  # the connection is gone: the watcher sees it next
+
     def _problem(self) -> str:
         connection = self._connection
         if connection is None:
             return "connection closed"
         if connection.is_closed:
             return str(connection.closed.result()) if connection.closed.done() else "closed"
-        consumers = connection.consumer_tags
-        live = [tag for tag in self._consumer_tags.values() if tag in consumers]
-        if len(live) < len(self._sources):
-            self._health.set_consumers(len(live))
-            return "consumer cancelled by the broker"
         return ""
 
     def _down(self, detail: str) -> None:
@@ -204,10 +280,12 @@ class AmqpSource:
     async def stop_consuming(self, *, within: float = 5.0) -> None:
         """Cancel the consumers; deliveries already received stay for the pipeline to finish."""
         self._stopping.set()
+        self._news.set()
         connection = self._connection
         if connection is None or connection.is_closed:
             return
-        for tag in list(self._consumer_tags.values()):
+        live = connection.consumer_tags
+        for tag in [tag for tag in self._consumer_tags.values() if tag in live]:
             try:
                 cancelled, _ = await bounded(connection.cancel(tag), within)
             except Exception as exc:  # the channel went away: nothing more will be delivered
@@ -220,11 +298,13 @@ class AmqpSource:
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         self._consumer_tags.clear()
+        self._retries.clear()  # a new connection tries every source at once
         if connection is not None:
             await connection.close(CLOSE_TIMEOUT_S)
 
     async def aclose(self) -> None:
         self._stopping.set()
+        self._news.set()
         await self._close_connection()
         self._health.set_broker("amqp", False, "closed")
         self._metrics.broker_up.labels(broker="amqp").set(0)
