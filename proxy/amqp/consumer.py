@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -231,10 +232,14 @@ class AmqpSource:
             if connection is not None and self._consumed(connection) < len(self._sources):
                 await self._restart_consumers(connection)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WATCH_INTERVAL_S):
+                async with asyncio.timeout(self._until_next_look()):
                     await self._news.wait()  # a cancel, the connection closing, or stop
             self._news.clear()
         return ""
+
+    def _until_next_look(self) -> float:
+        due = min((retry.due for retry in self._retries.values()), default=math.inf)
+        return max(0.0, min(WATCH_INTERVAL_S, due - self._clock()))
 
     def _failure(self, exc: Exception) -> str:
         """One line for a failed attempt: the broker's own reason when it gave one."""
@@ -248,7 +253,9 @@ class AmqpSource:
         live = connection.consumer_tags
         for queue, tag in self._consumer_tags.items():
             if tag not in live and queue not in self._retries:
-                self._retries[queue] = _Retry()
+                # Not at once: an operator deleting a queue to declare it anew goes first.
+                retry = self._retries[queue] = _Retry()
+                retry.due = self._clock() + retry.backoff.next_delay()
                 log.warning(
                     "amqp: the broker cancelled the consumer of %s (the queue was deleted?); "
                     "starting it again, the other queues go on",
