@@ -7,6 +7,16 @@ from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
 from proxy.state import HealthState
+from tests.servers.fixtures import (  # noqa: F401 - session fixtures, started only when asked for
+    certificates,
+    healthy_redis_cluster,
+    healthy_redis_sentinel,
+    rabbit_cluster,
+    redis_cluster,
+    redis_sentinel,
+    redis_tls,
+    server_workspace,
+)
 
 
 @pytest.fixture
