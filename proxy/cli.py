@@ -187,7 +187,12 @@ def check(config: Config) -> int:
     if config.amqp_out is not None:
         print(f"amqp_out: {display_url(config.amqp_out.url)}")
     if config.uses_streams():
-        print(f"redis: {display_url(config.redis.url)}")
+        redis = config.redis
+        nodes = redis.sentinels if redis.mode == "sentinel" else redis.urls()
+        shown = ", ".join(display_url(url) for url in nodes)
+        if redis.mode == "sentinel":
+            shown = f"{redis.service_name} via {shown}"
+        print(f"redis ({redis.mode}): {shown}")
     for source in config.sources:
         bindings = ", ".join(f"{b.exchange}/{b.routing_key}" for b in source.bindings) or "none"
         print(f"source {source.queue} (declare={source.declare}; bindings: {bindings})")

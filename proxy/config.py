@@ -174,22 +174,48 @@ class AmqpSettings(Frozen):
         return parts._replace(query=query).geturl()
 
 
-class RedisSettings(Frozen):
-    """The Redis server that stream destinations (and a stream dead-letter destination) write
-    to. Only read when some destination is a stream."""
+def _check_tls_file(value: str | None) -> str | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError("not a readable file")
+    return value
 
-    url: SecretStr = Field(
+
+def _check_cluster_urls(urls: tuple[SecretStr, ...]) -> None:
+    for url in urls:
+        parts = urlsplit(url.get_secret_value())
+        if parts.scheme == "unix":
+            raise ConfigError("redis.url", "a cluster node needs a redis:// or rediss:// URL")
+        if parts.path.strip("/") not in ("", "0"):
+            raise ConfigError("redis.url", "Redis Cluster has only database 0")
+
+
+class RedisSettings(Frozen):
+    """The Redis that stream destinations (and a stream dead-letter destination) write to: one
+    server, a Redis Cluster or the master behind Sentinel. Only read when some destination is a
+    stream."""
+
+    mode: Literal["standalone", "cluster", "sentinel"] = Field(
+        "standalone",
+        description=(
+            "`standalone`: one server at `url`. `cluster`: a Redis Cluster; `url` is one seed node "
+            "or a list of them, the rest of the topology is learnt from the cluster. `sentinel`: "
+            "the master of `service_name`, found through `sentinels` at start and again after a "
+            "failover."
+        ),
+        examples=["cluster"],
+    )
+    url: SecretStr | tuple[SecretStr, ...] = Field(
         SecretStr(DEFAULT_REDIS_URL),
         description=(
-            "The server's URL: `redis://[user:password@]host:port/db`, `rediss://` for TLS, or "
-            "`unix:///path/to/redis.sock`. For `rediss`, redis-py's query keys apply: "
-            "`ssl_ca_certs` (CA bundle), `ssl_certfile` and `ssl_keyfile` (client certificate), "
-            "`ssl_cert_reqs=none` (skip verification: testing only). The password is a secret: "
-            "it is masked in logs, errors and `check` output."
+            "The server's URL: `redis://[user:password@]host:port/db`, `rediss://` for TLS (see "
+            "the `tls_*` keys), or `unix:///path/to/redis.sock`. In cluster mode a list of seed "
+            "nodes (database 0 only). In sentinel mode only its scheme, credentials and database "
+            "are used: the sentinels name the host. The password is a secret: it is masked in "
+            "logs, errors and `check` output."
         ),
         examples=[
             "redis://:secret@redis.internal:6379/0",
-            "rediss://default:secret@redis.internal:6380/0?ssl_ca_certs=/etc/ssl/redis-ca.pem",
+            ["redis://:secret@redis-1:6379", "redis://:secret@redis-2:6379"],
         ],
     )
     timeout: float = Field(
@@ -201,11 +227,133 @@ class RedisSettings(Frozen):
         ),
         examples=[2],
     )
+    sentinels: tuple[SecretStr, ...] = Field(
+        (),
+        description="`mode = \"sentinel\"`: the sentinels' `redis://` or `rediss://` URLs.",
+        examples=[["redis://sentinel-1:26379", "redis://sentinel-2:26379"]],
+    )
+    service_name: str | None = Field(
+        None,
+        min_length=1,
+        description="`mode = \"sentinel\"`: the master's name, as the sentinels monitor it.",
+        examples=["mymaster"],
+    )
+    min_replicas: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Replicas that must have a batch before it counts as written and is acked: each "
+            "pipeline ends with `WAIT min_replicas replica_timeout` on every node written to. "
+            "Fewer is transient (held, retried; with dedupe nothing is written twice). Default 1 "
+            "in cluster and sentinel modes (a master killed right after answering loses nothing "
+            "acked), 0 standalone."
+        ),
+        examples=[1],
+    )
+    replica_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds WAIT waits for `min_replicas` replicas before the batch is held.",
+        examples=[0.5],
+    )
+    tls_ca_file: str | None = Field(
+        None,
+        description="`rediss://`: the CA bundle (PEM) to verify servers with; the system's if unset.",
+        examples=["/etc/ssl/redis-ca.pem"],
+    )
+    tls_cert_file: str | None = Field(
+        None,
+        description="`rediss://`: a client certificate (PEM), for servers that ask for one.",
+        examples=["/etc/ssl/worker.pem"],
+    )
+    tls_key_file: str | None = Field(
+        None,
+        description="`rediss://`: the client certificate's private key (PEM).",
+        examples=["/etc/ssl/worker-key.pem"],
+    )
+    tls_server_name: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "`rediss://`: the name the server's certificate must carry (also sent as SNI), when "
+            "it is not the host connected to: an IP address, the addresses a cluster announces "
+            "or a sentinel names."
+        ),
+        examples=["redis.internal"],
+    )
+    tls_verify: bool = Field(
+        True,
+        description=(
+            "`rediss://`: verify the server's certificate and name; false encrypts without "
+            "verifying (testing only)."
+        ),
+    )
+
+    _files = field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")(
+        lambda value: _check_tls_file(value)
+    )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        return value
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: SecretStr) -> SecretStr:
-        return _check_url(value, ("redis", "rediss", "unix"))
+    def _url(cls, value: SecretStr | tuple[SecretStr, ...]) -> SecretStr | tuple[SecretStr, ...]:
+        urls = value if isinstance(value, tuple) else (value,)
+        if not urls:
+            raise ValueError("needs at least one URL")
+        for url in urls:
+            _check_url(url, ("redis", "rediss", "unix"))
+        return value
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinels(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for url in value:
+            _check_url(url, ("redis", "rediss"))
+        return value
+
+    def check_modes(self) -> None:
+        """Keys that only make sense together; ``ConfigError`` names the key at fault."""
+        urls = self.urls()
+
+        def fail(key: str, problem: str) -> None:
+            raise ConfigError(f"redis.{key}", problem)
+
+        if self.mode != "cluster" and len(urls) > 1:
+            fail("url", 'a list of URLs needs mode = "cluster"')
+        if self.mode == "cluster":
+            _check_cluster_urls(urls)
+        if self.mode == "sentinel":
+            if not self.sentinels:
+                fail("sentinels", 'mode = "sentinel" needs at least one sentinel')
+            if self.service_name is None:
+                fail("service_name", 'mode = "sentinel" needs the service name')
+        else:
+            for key in ("sentinels", "service_name"):
+                if getattr(self, key):
+                    fail(key, 'only used with mode = "sentinel"')
+        uses_tls = any(
+            urlsplit(url.get_secret_value()).scheme == "rediss" for url in (*urls, *self.sentinels)
+        )
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"):
+            if getattr(self, key) is not None and not uses_tls:
+                fail(key, "set, but no Redis URL is rediss://")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            fail("tls_key_file", "needs tls_cert_file")
+
+    def urls(self) -> tuple[SecretStr, ...]:
+        return self.url if isinstance(self.url, tuple) else (self.url,)
+
+    def replicas_required(self) -> int:
+        """``min_replicas``, or its default: 1 where there are replicas to wait for."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        return 0 if self.mode == "standalone" else 1
 
 
 class HealthSettings(Frozen):
@@ -867,6 +1015,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
     except ValidationError as exc:
         raise ConfigError.of(validation_problems(exc, Config, data, origins)) from None
     _check_unique_route_names(config)
+    config.redis.check_modes()
     return config
 
 

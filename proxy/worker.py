@@ -85,9 +85,12 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
                 "install message-proxy[redis]",
             ) from None
 
-        sinks[StreamTarget] = RedisStreamSink(
-            config.redis.url, timeout=config.redis.timeout, dedupe_window=config.dedupe.window
-        )
+        if config.redis.mode == "cluster":
+            from proxy.sinks.redis_cluster import RedisClusterSink
+
+            sinks[StreamTarget] = RedisClusterSink(config.redis, dedupe_window=config.dedupe.window)
+        else:
+            sinks[StreamTarget] = RedisStreamSink(config.redis, dedupe_window=config.dedupe.window)
     if config.uses_exchanges():
         from proxy.sinks.amqp_exchange import AmqpExchangeSink
 

@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from pydantic import SecretStr
 
+from proxy.config import RedisSettings
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError, TransientError
 from proxy.message import Message
@@ -44,6 +45,10 @@ from tests.tcp_proxy import TcpProxy
 WINDOW_S = 60.0
 
 
+def settings(url: str, **keys: Any) -> RedisSettings:
+    return RedisSettings(url=SecretStr(url), **keys)
+
+
 @pytest.fixture
 async def stream() -> AsyncIterator[str]:
     name = unique("sink")
@@ -58,7 +63,7 @@ async def stream() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def sink() -> AsyncIterator[RedisStreamSink]:
-    sink = RedisStreamSink(SecretStr(REDIS_URL), timeout=2.0, dedupe_window=WINDOW_S)
+    sink = RedisStreamSink(settings(REDIS_URL, timeout=2.0), dedupe_window=WINDOW_S)
     yield sink
     await sink.aclose()
 
@@ -165,7 +170,7 @@ async def test_dedupe_is_per_stream_and_keys_expire_with_the_window(
 
 @pytest.mark.broker
 async def test_an_expired_id_is_written_again(stream: str) -> None:
-    sink = RedisStreamSink(SecretStr(REDIS_URL), dedupe_window=0.05)
+    sink = RedisStreamSink(settings(REDIS_URL), dedupe_window=0.05)
     try:
         item = [Publish(msg(b"m", "id"), target(stream, dedupe=True))]
         assert await sink.publish_batch(item) == [None]
@@ -179,7 +184,7 @@ async def test_an_expired_id_is_written_again(stream: str) -> None:
 @pytest.mark.broker
 async def test_two_sinks_share_the_dedupe_state(sink: RedisStreamSink, stream: str) -> None:
     """Replicas: another process's write of the same id is recognised."""
-    other = RedisStreamSink(SecretStr(REDIS_URL), dedupe_window=WINDOW_S)
+    other = RedisStreamSink(settings(REDIS_URL), dedupe_window=WINDOW_S)
     try:
         items = [Publish(msg(b"%d" % i, f"id-{i}"), target(stream, dedupe=True)) for i in range(50)]
         first, second = await asyncio.gather(sink.publish_batch(items), other.publish_batch(items))
@@ -321,7 +326,7 @@ async def _has_entries(stream: str, count: int) -> bool:
 
 @pytest.mark.broker
 async def test_unreachable_redis_is_transient() -> None:
-    sink = RedisStreamSink(SecretStr(redis_url_via(free_port())), timeout=1.0)
+    sink = RedisStreamSink(settings(redis_url_via(free_port()), timeout=1.0))
     try:
         with pytest.raises(TransientError):
             await sink.publish_batch([Publish(msg(b"x", "1"), target("never", dedupe=True))])
@@ -339,7 +344,7 @@ async def test_a_blackholed_redis_is_a_timeout_then_writes_resume(
 ) -> None:
     host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
     with TcpProxy(host, int(port)) as proxy:
-        sink = RedisStreamSink(SecretStr(redis_url_via(proxy.port)), timeout=0.5)
+        sink = RedisStreamSink(settings(redis_url_via(proxy.port), timeout=0.5))
         try:
             dest = target(stream, dedupe=dedupe)
             assert await sink.publish_batch([Publish(msg(b"1", "1"), dest)]) == [None]

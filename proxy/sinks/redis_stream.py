@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 from redis import exceptions as redis_errors
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.crc import key_slot
 
+from proxy.config import RedisSettings
 from proxy.encoding import DeadLetterInfo, Fields, dead_letter_fields, entry_fields
 from proxy.errors import PermanentError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
@@ -52,13 +52,14 @@ _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError
 # its size in ``body_size``: copying the whole body into Redis would store what the limit refuses.
 TOO_LARGE_BODY_KEPT = 1024
 
-# The Lua path keeps one key per (stream, message id): ``{stream}:dedupe:{id}``, set with NX and a
+# The Lua path keeps one key per (stream, message id): ``{stream}:dedupe:{id}`` (``dedupe_key``:
+# a stream with its own hash tag keeps it, ``orders{eu}:dedupe:{id}``), set with NX and a
 # PX expiry of the window. Why keys rather than one sorted set per stream: memory is about the same
 # (~100 bytes per id either way, per-entry overhead dominates; budget rate x window), but Redis
 # expires keys itself, incrementally and exactly at the window's end. A sorted set would need
 # trimming code in the script, leave a large key behind when a dynamic stream goes quiet and stall
-# the server when that key is finally freed. The ``{stream}`` hash tag keeps a stream and its keys
-# in one cluster slot, so the per-stream script stays valid on a cluster. The value is "1": Redis
+# the server when that key is finally freed. The hash tag keeps a stream and its keys in one
+# cluster slot, so the per-stream script stays valid on a cluster. The value is "1": Redis
 # shares that object, so a key costs no more than its name and its expiry.
 #
 # KEYS: the stream, then one dedupe key per entry that has an id, in entry order.
@@ -107,7 +108,57 @@ return results
 
 
 def dedupe_key(stream: str, message_id: str) -> str:
-    return f"{{{stream}}}:dedupe:{message_id}"
+    """The key that remembers ``message_id`` for ``stream``, in the stream's cluster slot."""
+    return f"{_slot_prefix(stream)}:dedupe:{message_id}"
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it has one: between the first ``{`` and the
+    first ``}`` after it, when not empty."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_prefix(stream: str) -> str:
+    """A key prefix that hashes to the stream's slot.
+
+    A stream with its own hash tag (``orders{eu}``) starts the key: the first ``{`` is the stream's.
+    Any other name is wrapped whole as the tag (``{orders}``), unless it holds a ``}``, which would
+    end that tag early; such a name gets the shortest tag of digits that lands in the same slot.
+    """
+    if hash_tag(stream) is not None:
+        return stream
+    if "}" not in stream:
+        return f"{{{stream}}}"
+    slot = key_slot(stream.encode())
+    candidate = 0
+    while key_slot(str(candidate).encode()) != slot:
+        candidate += 1
+    return f"{{{candidate}}}{stream}"
+
+
+def wait_command(settings: RedisSettings) -> list[Any] | None:
+    """``WAIT N timeout`` to end each pipeline with, or None when no replica is asked for."""
+    replicas = settings.replicas_required()
+    if not replicas:
+        return None
+    return ["WAIT", replicas, max(1, round(settings.replica_timeout * 1000))]
+
+
+def check_replicas(reply: Any, wait: list[Any]) -> None:
+    """WAIT's reply: how many replicas have every write before it. Fewer than asked is transient."""
+    if isinstance(reply, Exception):
+        raise TransientError(f"redis: WAIT failed: {reply}")
+    if int(reply) < wait[1]:
+        raise TransientError(
+            f"redis: {int(reply)} of {wait[1]} replicas acknowledged within {wait[2]} ms"
+        )
 
 
 def dedupe_id(message: Message) -> str | None:
@@ -223,19 +274,28 @@ def _script_call(target: StreamTarget, entries: list[Entry], window_ms: int) -> 
 
 
 class RedisStreamSink:
-    def __init__(
-        self, url: SecretStr, *, timeout: float = 5.0, dedupe_window: float = 86400.0
-    ) -> None:
-        self._timeout = timeout
+    """One Redis server (``mode = "standalone"``) or the master behind Sentinel (``"sentinel"``).
+
+    With ``min_replicas`` N > 0 each pipeline ends with ``WAIT N timeout`` on the connection that
+    wrote it: the batch counts as accepted only when N replicas have every write before it; fewer
+    raises ``TransientError`` (the batch is held and written again; with dedupe, nothing twice).
+    The idempotent-XADD path is then not used: its transaction goes through redis-py's pipeline,
+    which does not say which connection it wrote on.
+    """
+
+    def __init__(self, settings: RedisSettings, *, dedupe_window: float = 86400.0) -> None:
+        from proxy.sinks.redis_clients import sentinel_client, standalone_client
+
+        self._timeout = settings.timeout
         self._window_ms = max(1, round(dedupe_window * 1000))
+        self._wait = wait_command(settings)
+        if self._wait:  # the whole pipeline, WAIT included, within one time budget
+            self._timeout += settings.replica_timeout
         # Our own retry loop decides when to try again; the client must fail fast instead.
-        self._client = aioredis.Redis.from_url(
-            url.get_secret_value(),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        if settings.mode == "sentinel":
+            self._client = sentinel_client(settings)
+        else:
+            self._client = standalone_client(settings)
         # What we learnt from the server on this connection; forgotten when it fails.
         self._script_sha = ""
         self._server: _Server | None = None
@@ -258,28 +318,11 @@ class RedisStreamSink:
         await self._client.aclose()
 
     async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
-        outcomes: list[Outcome] = [None] * len(items)
-        encoded: dict[int, Fields | PermanentError] = {}  # one encoding per message or dead letter
-        plain: list[tuple[int, StreamTarget, list[Any]]] = []  # one XADD each: the hot path
-        deduped: dict[StreamTarget, list[Entry]] = {}
-        for index, item in enumerate(items):
-            target = item.target
-            if not isinstance(target, StreamTarget):
-                raise TypeError(f"RedisStreamSink cannot publish to {target!r}")
-            key = id(item.message) if item.dead_letter is None else id(item)
-            fields = encoded.get(key)
-            if fields is None:
-                fields = encoded[key] = _encode_or_refuse(item)
-            if isinstance(fields, PermanentError):
-                outcomes[index] = fields
-            elif target.dedupe and item.dead_letter is None:
-                deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
-            else:
-                plain.append((index, target, [*_xadd_args(target), "*", *_flat(fields)]))
+        outcomes, plain, deduped = plan_batch(items)
         calls: list[_Call] = []
         native = None
         if deduped:
-            native = (await self._detect()).native
+            native = None if self._wait else (await self._detect()).native
             if native is None:
                 calls = [_script_call(t, e, self._window_ms) for t, e in deduped.items()]
             else:
@@ -322,7 +365,12 @@ class RedisStreamSink:
                 pipe.execute_command(*command)
             replies: list[Any] = await self._guarded(pipe.execute(raise_on_error=False))
             return replies
-        return list(await self._guarded(self._send_packed(pack_commands(commands), len(commands))))
+        if self._wait:
+            commands = [*commands, self._wait]
+        replies = await self._guarded(self._send_packed(pack_commands(commands), len(commands)))
+        if self._wait:
+            check_replicas(replies.pop(), self._wait)
+        return list(replies)
 
     async def _send_packed(self, packed: bytes, count: int) -> list[Any]:
         """One write of every command, then their replies, raw, on one pooled connection.
@@ -376,6 +424,36 @@ class RedisStreamSink:
         # The next connection may reach another server (restart, failover, upgrade).
         self._script_sha = ""
         self._server = None
+
+
+# Plain entries, one XADD each (the hot path): (item index, target, the XADD's arguments).
+Plain = list[tuple[int, StreamTarget, list[Any]]]
+
+
+def plan_batch(
+    items: Sequence[Publish],
+) -> tuple[list[Outcome], Plain, dict[StreamTarget, list[Entry]]]:
+    """Each item encoded once per message (or dead letter): refused ones get their outcome now, the
+    rest become a plain XADD or an entry of their stream's de-duplicated write."""
+    outcomes: list[Outcome] = [None] * len(items)
+    encoded: dict[int, Fields | PermanentError] = {}
+    plain: Plain = []
+    deduped: dict[StreamTarget, list[Entry]] = {}
+    for index, item in enumerate(items):
+        target = item.target
+        if not isinstance(target, StreamTarget):
+            raise TypeError(f"a Redis sink cannot publish to {target!r}")
+        key = id(item.message) if item.dead_letter is None else id(item)
+        fields = encoded.get(key)
+        if fields is None:
+            fields = encoded[key] = _encode_or_refuse(item)
+        if isinstance(fields, PermanentError):
+            outcomes[index] = fields
+        elif target.dedupe and item.dead_letter is None:
+            deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
+        else:
+            plain.append((index, target, [*_xadd_args(target), "*", *_flat(fields)]))
+    return outcomes, plain, deduped
 
 
 def _encode_or_refuse(item: Publish) -> Fields | PermanentError:

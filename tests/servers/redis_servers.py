@@ -206,6 +206,35 @@ class RedisCluster:
                         return node
         raise LookupError(f"no replica of {master.name}")
 
+    # Resharding one slot, in the three steps a migration takes (so a test can write between them).
+    def begin_migration(self, slot: int, target: RedisNode) -> RedisNode:
+        """Mark ``slot`` MIGRATING on its owner and IMPORTING on ``target``; returns the owner."""
+        source = self.master_for_slot(slot)
+        target.client().execute_command(
+            "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source)
+        )
+        source.client().execute_command(
+            "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target)
+        )
+        return source
+
+    def move_keys(self, slot: int, source: RedisNode, target: RedisNode) -> int:
+        """MIGRATE every key of ``slot`` now on ``source``; from then on it answers ASK for them."""
+        moved = 0
+        client = source.client()
+        while keys := client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            client.execute_command(
+                "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "REPLACE", "KEYS", *keys
+            )
+            moved += len(keys)
+        return moved
+
+    def finish_migration(self, slot: int, target: RedisNode) -> None:
+        """``slot`` belongs to ``target`` on every master: the old owner answers MOVED."""
+        target_id = self.node_id(target)
+        for node in sorted(self.masters(), key=lambda n: n is not target):  # the target first
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def restart(self, node: RedisNode) -> None:
         """Start a killed node again; it rejoins with its nodes.conf (as a replica, once failed
         over) and resynchronises from its master."""

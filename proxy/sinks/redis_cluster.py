@@ -1,0 +1,255 @@
+"""Redis Cluster: a batch's entries grouped by the node that owns their slot, one pipelined round
+trip per node (all nodes at once), each ending with ``WAIT`` when ``min_replicas`` asks for it.
+
+redis-py's cluster client keeps the topology (slot map, nodes, their connections); the writing is
+ours, on those connections, in the same packed form as the standalone sink. Replies that redirect:
+
+- ``MOVED``: the slot has a new owner for good (failover, resharding): the slot map is updated and
+  the entry written again to the new owner, in the same ``publish_batch``.
+- ``ASK``: the slot is being migrated and this key is already on the target: the entry is sent
+  there, after ``ASKING``, this once; the slot map stays as it is.
+- ``NOSCRIPT`` (a node that never saw the dedupe script, a promoted replica): sent again as
+  ``EVAL`` with the script's text, which also caches it there.
+
+``CLUSTERDOWN``, ``TRYAGAIN`` (a multi-key script call whose keys are split by a migration),
+``LOADING``, ``READONLY`` and a node that cannot be reached are transient: the batch is held and
+retried, readiness turns false, and the slot map is loaded again before the next attempt.
+
+De-duplication is the Lua script of the standalone sink: a stream and its dedupe keys share a hash
+tag, so each stream's check-and-write is one script call on one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
+
+from proxy.config import RedisSettings
+from proxy.errors import TransientError
+from proxy.sinks import Outcome, Publish
+from proxy.sinks.redis_clients import cluster_client
+from proxy.sinks.redis_stream import (
+    _DEDUPE_SCRIPT,
+    _UNREACHABLE,
+    _Call,
+    _reply_outcome,
+    _script_call,
+    check_replicas,
+    pack_commands,
+    plan_batch,
+    wait_command,
+)
+
+log = logging.getLogger(__name__)
+
+# Redirections followed within one publish_batch before the batch is held as transient.
+MAX_REDIRECT_ROUNDS = 5
+_SCRIPT_SHA = hashlib.sha1(_DEDUPE_SCRIPT.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class _Command:
+    args: list[Any]
+    slot: int
+    ask: tuple[str, int] | None = None  # where an ASK sent it, for the next round only
+
+
+class RedisClusterSink:
+    def __init__(self, settings: RedisSettings, *, dedupe_window: float = 86400.0) -> None:
+        self._client = cluster_client(settings)
+        self._window_ms = max(1, round(dedupe_window * 1000))
+        self._wait = wait_command(settings)
+        self._timeout = settings.timeout + (settings.replica_timeout if self._wait else 0.0)
+        self._started = False
+        self._stale = False  # the slot map must be loaded again before the next write
+        self._ask_nodes: dict[tuple[str, int], ClusterNode] = {}
+
+    @property
+    def broker(self) -> str:
+        return "redis"
+
+    async def connect(self) -> None:
+        await self.ping()
+
+    async def ping(self) -> None:
+        """Every master answers (a slot without one would hold its entries)."""
+
+        async def ping_all() -> None:
+            await self._refresh()
+            masters = self._client.get_primaries()
+            if not masters:
+                raise redis_errors.ClusterDownError("no master known")
+            await _first_error(
+                await asyncio.gather(
+                    *(self._send(node, [["PING"]], ask=[False]) for node in masters),
+                    return_exceptions=True,
+                )
+            )
+
+        await self._guarded(ping_all())
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        for node in self._ask_nodes.values():
+            await node.disconnect()
+        self._ask_nodes.clear()
+
+    async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
+        outcomes, plain, deduped = plan_batch(items)
+        calls = [_script_call(t, e, self._window_ms) for t, e in deduped.items()]
+        commands = [_Command(args, key_slot(target.name.encode())) for _, target, args in plain]
+        for call, target in zip(calls, deduped, strict=True):
+            call.args[1] = _SCRIPT_SHA
+            commands.append(_Command(call.args, key_slot(target.name.encode())))
+        replies = await self._guarded(self._write(commands))
+        for (index, target, _), reply in zip(plain, replies, strict=False):
+            if isinstance(reply, Exception):
+                outcomes[index] = _reply_outcome(reply, target)
+        scripted: list[tuple[_Call, Any]] = list(zip(calls, replies[len(plain) :], strict=True))
+        for call, reply in scripted:
+            for index, outcome in zip(call.indexes, call.outcomes(reply), strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    async def _write(self, commands: list[_Command]) -> list[Any]:
+        """Every command's final reply (redirections followed), in order."""
+        replies: list[Any] = [None] * len(commands)
+        pending = list(range(len(commands)))
+        seen: Counter[str] = Counter()
+        for _round in range(MAX_REDIRECT_ROUNDS):
+            await self._refresh()
+            by_node: dict[ClusterNode, list[int]] = {}
+            for position in pending:
+                by_node.setdefault(self._node_for(commands[position]), []).append(position)
+            nodes = list(by_node)
+            results = await asyncio.gather(
+                *(self._send_commands(n, [commands[p] for p in by_node[n]]) for n in nodes),
+                return_exceptions=True,
+            )
+            await _first_error(results)
+            pending = []
+            for node, node_replies in zip(nodes, results, strict=True):
+                positions = by_node[node]
+                for position, reply in zip(positions, cast(list[Any], node_replies), strict=True):
+                    if await self._redirected(commands[position], reply, seen):
+                        pending.append(position)
+                    else:
+                        replies[position] = reply
+            if seen:
+                log.info(
+                    "redis cluster: redirected %s",
+                    ", ".join(f"{n} by {kind}" for kind, n in sorted(seen.items())),
+                )
+                seen.clear()
+            if not pending:
+                return replies
+        self._stale = True
+        raise redis_errors.TryAgainError(f"still redirected after {MAX_REDIRECT_ROUNDS} rounds")
+
+    async def _redirected(self, command: _Command, reply: Any, seen: Counter[str]) -> bool:
+        """Whether ``reply`` sends ``command`` elsewhere (or again); ready for the next round."""
+        command.ask = None
+        if isinstance(reply, redis_errors.MovedError):
+            seen["MOVED"] += 1
+            await self._client.nodes_manager.move_slot(reply)
+            return True
+        if isinstance(reply, redis_errors.AskError):
+            seen["ASK"] += 1
+            command.ask = (reply.host, reply.port)
+            return True
+        if isinstance(reply, redis_errors.NoScriptError):
+            command.args[0], command.args[1] = "EVAL", _DEDUPE_SCRIPT
+            return True
+        return False
+
+    def _node_for(self, command: _Command) -> ClusterNode:
+        if command.ask is None:
+            return self._client.nodes_manager.get_node_from_slot(command.slot)
+        host, port = command.ask
+        node = self._client.nodes_manager.get_node(host=host, port=port)
+        if node is None:  # a node the slot map does not know yet: the import target
+            node = self._ask_nodes.get(command.ask)
+            if node is None:
+                kwargs = self._client.nodes_manager.connection_kwargs
+                node = self._ask_nodes[command.ask] = ClusterNode(host, port, **kwargs)
+        return node
+
+    async def _send_commands(self, node: ClusterNode, commands: list[_Command]) -> list[Any]:
+        replies: list[Any] = await self._send(
+            node, [c.args for c in commands], ask=[c.ask is not None for c in commands]
+        )
+        return replies
+
+    async def _send(self, node: ClusterNode, commands: list[list[Any]], *, ask: list[bool]) -> Any:
+        """One write of ``commands`` (each after ``ASKING`` where ``ask``), WAIT last when asked
+        for, on one of the node's connections; the replies in order, errors as exceptions."""
+        packed: list[list[Any]] = []
+        for args, asking in zip(commands, ask, strict=True):
+            if asking:
+                packed.append(["ASKING"])
+            packed.append(args)
+        writes = bool(commands) and commands[0][0] != "PING"
+        if self._wait and writes:
+            packed.append(self._wait)
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(pack_commands(packed), check_health=False)
+            replies: list[Any] = []
+            for command in packed:
+                try:
+                    reply = await connection.read_response(disable_decoding=True)
+                except redis_errors.ResponseError as exc:
+                    reply = exc
+                if command[0] != "ASKING":
+                    replies.append(reply)
+        except BaseException:
+            await connection.disconnect()  # half read: its next user would get our replies
+            raise
+        finally:
+            node.release(connection)
+        if self._wait and writes:
+            check_replicas(replies.pop(), self._wait)
+        return replies
+
+    async def _refresh(self) -> None:
+        if not self._started:  # the client's own start, so that its aclose closes every node
+            await self._client.initialize()
+            self._started = True
+            self._stale = False
+        elif self._stale:
+            await self._client.nodes_manager.initialize()
+            self._stale = False
+
+    async def _guarded(self, awaitable: Any) -> Any:
+        """Within the timeout; unreachable or a cluster in trouble becomes ``TransientError``,
+        and the slot map is loaded again before the next try."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        except TransientError:
+            self._stale = True
+            raise
+        except _UNREACHABLE as exc:
+            # Idle connections to a node that went away are as dead as the one that failed.
+            for node in list(self._client.nodes_manager.nodes_cache.values()):
+                await node.disconnect_free_connections()
+            self._stale = True
+            raise TransientError(f"redis cluster: {exc or type(exc).__name__}") from exc
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            self._stale = True
+            raise TransientError(f"redis cluster: {exc or type(exc).__name__}") from exc
+
+
+async def _first_error(results: Sequence[Any]) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
