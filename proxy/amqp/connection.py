@@ -57,7 +57,9 @@ ReplyT = TypeVar("ReplyT", bound=Frame)
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where and how to connect, from an ``amqp://`` or ``amqps://`` URL (aiormq's query keys)."""
+    """Where and how to connect, from an ``amqp://`` or ``amqps://`` URL (aiormq's query keys:
+    ``cafile``, ``capath``, ``certfile``, ``keyfile``, ``no_verify_ssl``; and ``server_name``, the
+    name the broker's certificate must carry, sent as SNI, when it is not the host connected to)."""
 
     host: str
     port: int
@@ -66,6 +68,7 @@ class Endpoint:
     password: str = field(repr=False)
     heartbeat: int
     tls: ssl.SSLContext | None = field(default=None, repr=False)
+    server_name: str | None = None
 
     @classmethod
     def from_url(cls, url: str, *, heartbeat: int) -> Endpoint:
@@ -81,6 +84,7 @@ class Endpoint:
             password=unquote(parts.password or "guest"),
             heartbeat=int(query.get("heartbeat", heartbeat)),
             tls=_tls_context(query) if secure else None,
+            server_name=query.get("server_name") or None,
         )
 
 
@@ -161,7 +165,7 @@ class AmqpConnection(asyncio.Protocol):
                 endpoint.host,
                 endpoint.port,
                 ssl=endpoint.tls,
-                server_hostname=endpoint.host if endpoint.tls else None,
+                server_hostname=(endpoint.server_name or endpoint.host) if endpoint.tls else None,
             )
             _keep_alive(transport.get_extra_info("socket"), endpoint.heartbeat)
             await connection._handshake()

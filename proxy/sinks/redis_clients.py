@@ -82,8 +82,11 @@ def standalone_client(settings: RedisSettings) -> aioredis.Redis:
     options = socket_options(settings)
     if _is_tls(url):
         options |= tls_options(settings)
-        options["connection_class"] = with_server_name(SSLConnection, settings.tls_server_name)
-    return aioredis.Redis.from_url(url.get_secret_value(), **options)
+    client = aioredis.Redis.from_url(url.get_secret_value(), **options)
+    if _is_tls(url):  # the URL's scheme picks the class in from_url, whatever is passed
+        pool = client.connection_pool
+        pool.connection_class = with_server_name(SSLConnection, settings.tls_server_name)
+    return client
 
 
 def sentinel_client(settings: RedisSettings) -> aioredis.Redis:

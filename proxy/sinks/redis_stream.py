@@ -316,6 +316,9 @@ class RedisStreamSink:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        sentinels = getattr(self._client.connection_pool, "sentinel_manager", None)
+        for sentinel in sentinels.sentinels if sentinels is not None else ():
+            await sentinel.aclose()  # the master's client does not own the sentinels' clients
 
     async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
         outcomes, plain, deduped = plan_batch(items)
