@@ -1,0 +1,191 @@
+"""Redis Cluster and Sentinel failing mid-flow: a master killed, a slot migrated, a Sentinel
+failover, every cluster node unreachable. Every message id is counted, as in the other scenarios;
+the rows join the fault-injection table printed at the end of the run."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.crc import key_slot
+
+from tests.faults.rig import Rig, message_ids
+from tests.servers.redis_servers import RedisCluster, RedisSentinelGroup
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+MESSAGES = 3000
+
+
+async def _ids(client: aioredis.Redis | ClusterClient, stream: str) -> Counter[str]:
+    found: Counter[str] = Counter()
+    start = "-"
+    while page := await client.xrange(stream, min=start, count=10_000):
+        for _entry_id, fields in page:
+            found[fields.get(b"message_id", b"").decode()] += 1
+        millis, seq = page[-1][0].decode().split("-")
+        start = f"{millis}-{int(seq) + 1}"
+    return found
+
+
+class RedisRig(Rig):
+    """The rig with the worker writing to a Redis Cluster or through Sentinel; read back there."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        dedupe: bool,
+        redis_section: str,
+        reader: Callable[[], aioredis.Redis | ClusterClient],
+    ) -> None:
+        super().__init__(tmp_path, dedupe=dedupe)
+        self.redis_section = redis_section
+        self.reader = reader
+
+    def config(self) -> str:
+        text = super().config()
+        return re.sub(r"\[redis\].*?(?=\[dedupe\])", self.redis_section, text, flags=re.S)
+
+    async def delivered(self) -> int:
+        return (await self.counts()).total()
+
+    async def counts(self, stream: str | None = None) -> Counter[str]:
+        client = self.reader()
+        try:
+            return await _ids(client, stream or self.stream)
+        finally:
+            await client.aclose()
+
+
+def cluster_section(cluster: RedisCluster) -> str:
+    urls = ", ".join(f'"{u}"' for u in cluster.urls())
+    return (
+        f'[redis]\nmode = "cluster"\nurl = [{urls}]\ntimeout = 1\n'
+        "min_replicas = 1\nreplica_timeout = 0.5\n\n"
+    )
+
+
+def cluster_reader(cluster: RedisCluster) -> Callable[[], ClusterClient]:
+    """Reads straight from the nodes, not through the proxies a fault may have cut."""
+    direct = {cluster.client_port(node): node.port for node in cluster.nodes}
+    nodes = [ClusterNode("127.0.0.1", node.port) for node in cluster.nodes]
+    return lambda: ClusterClient(
+        startup_nodes=nodes, address_remap=lambda a: (a[0], direct.get(a[1], a[1]))
+    )
+
+
+@pytest.fixture
+async def cluster_rig(
+    request: pytest.FixtureRequest, tmp_path: Path, healthy_redis_cluster: RedisCluster
+) -> AsyncIterator[RedisRig]:
+    rig = RedisRig(
+        tmp_path,
+        dedupe=request.param,
+        redis_section=cluster_section(healthy_redis_cluster),
+        reader=cluster_reader(healthy_redis_cluster),
+    )
+    try:
+        yield rig
+    finally:
+        await rig.close()
+        healthy_redis_cluster.heal()
+
+
+@pytest.mark.parametrize("cluster_rig", [True, False], ids=["dedupe", "no-dedupe"], indirect=True)
+async def test_a_cluster_master_killed_mid_flow(
+    cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
+) -> None:
+    """kill -9 of the master that owns the stream's slot; its replica takes over. With
+    min_replicas = 1 what was acked is on the replica; the new master has no replica until the
+    killed node comes back as one, so meanwhile batches are held."""
+    cluster, rig = healthy_redis_cluster, cluster_rig
+    master = cluster.master_for_slot(key_slot(rig.stream.encode()))
+    await rig.declare()
+    await rig.start_worker()
+    ids = message_ids(MESSAGES)
+    counts, recover_s, unready = await rig.fault_mid_flow(
+        ids, master.kill, lambda: cluster.restart(master), fault_s=3.0
+    )
+    result = rig.record("redis cluster master kill -9", ids, counts, recover_s, unready)
+    await rig.check(result)
+
+
+@pytest.mark.parametrize("cluster_rig", [True, False], ids=["dedupe", "no-dedupe"], indirect=True)
+async def test_the_stream_slot_migrated_mid_flow(
+    cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
+) -> None:
+    """The slot moves to another master while the worker writes to it: ASK while its keys are
+    moving, MOVED once the slot is the other master's. Redirected entries are sent again alone,
+    so nothing is written twice, with dedupe or without."""
+    cluster, rig = healthy_redis_cluster, cluster_rig
+    slot = key_slot(rig.stream.encode())
+    source = cluster.master_for_slot(slot)
+    destination = next(m for m in cluster.masters() if m is not source)
+
+    def begin() -> None:
+        cluster.begin_migration(slot, destination)
+        cluster.move_keys(slot, source, destination)
+
+    await rig.declare()
+    await rig.start_worker()
+    ids = message_ids(MESSAGES)
+    counts, recover_s, unready = await rig.fault_mid_flow(
+        ids, begin, lambda: cluster.finish_migration(slot, destination), fault_s=1.0
+    )
+    result = rig.record("redis cluster slot migrated", ids, counts, recover_s, unready)
+    logs = rig.logs()
+    assert " by ASK" in logs and " by MOVED" in logs, logs
+    assert result.duplicates == 0, result
+    await rig.check(result)
+
+
+@pytest.mark.parametrize("cluster_rig", [True], ids=["dedupe"], indirect=True)
+async def test_every_cluster_node_unreachable(
+    cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
+) -> None:
+    cluster, rig = healthy_redis_cluster, cluster_rig
+    await rig.declare()
+    await rig.start_worker()
+    ids = message_ids(MESSAGES)
+    counts, recover_s, unready = await rig.fault_mid_flow(ids, cluster.cut_all, cluster.heal_all)
+    result = rig.record("redis cluster all nodes cut 3s", ids, counts, recover_s, unready)
+    assert unready, rig.logs()
+    await rig.check(result)
+
+
+@pytest.mark.parametrize("dedupe", [True, False], ids=["dedupe", "no-dedupe"])
+async def test_a_sentinel_failover_mid_flow(
+    tmp_path: Path, healthy_redis_sentinel: RedisSentinelGroup, dedupe: bool
+) -> None:
+    group = healthy_redis_sentinel
+    sentinels = ", ".join(f'"{u}"' for u in group.sentinel_urls())
+    section = (
+        f'[redis]\nmode = "sentinel"\nsentinels = [{sentinels}]\n'
+        f'service_name = "{group.SERVICE}"\ntimeout = 1\nreplica_timeout = 0.5\n\n'
+    )
+    rig = RedisRig(
+        tmp_path,
+        dedupe=dedupe,
+        redis_section=section,
+        reader=lambda: aioredis.Redis(port=group.current_master().port),
+    )
+    try:
+        await rig.declare()
+        await rig.start_worker()
+        ids = message_ids(MESSAGES)
+        counts, recover_s, unready = await rig.fault_mid_flow(
+            ids, group.failover, lambda: None, fault_s=2.0
+        )
+        result = rig.record("redis sentinel failover", ids, counts, recover_s, unready)
+        await rig.check(result)
+    finally:
+        await rig.close()
+        await asyncio.to_thread(group.wait_healthy)
