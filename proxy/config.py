@@ -98,7 +98,9 @@ class AmqpSettings(Frozen):
             "Query keys: `heartbeat` (seconds, overrides `heartbeat` below), and for `amqps`: "
             "`cafile` (CA bundle to verify the broker with; the system's CAs otherwise), "
             "`capath` (a directory of CA certificates), `certfile` and `keyfile` (a client "
-            "certificate for mutual TLS), `no_verify_ssl=1` (skip verification: testing only). "
+            "certificate for mutual TLS), `server_name` (the name the broker's certificate must "
+            "carry, also sent as SNI, when it is not the host in the URL), `no_verify_ssl=1` "
+            "(skip verification: testing only). "
             "The files must exist when the worker starts. The password is a secret: it is "
             "masked in logs, errors and `check` output."
         ),
@@ -258,7 +260,7 @@ class RedisSettings(Frozen):
     )
     tls_ca_file: str | None = Field(
         None,
-        description="`rediss://`: the CA bundle (PEM) to verify servers with; the system's if unset.",
+        description="`rediss://`: the CA bundle (PEM) to verify servers with (else the system's).",
         examples=["/etc/ssl/redis-ca.pem"],
     )
     tls_cert_file: str | None = Field(
@@ -287,6 +289,7 @@ class RedisSettings(Frozen):
             "`rediss://`: verify the server's certificate and name; false encrypts without "
             "verifying (testing only)."
         ),
+        examples=[True],
     )
 
     _files = field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")(
