@@ -552,3 +552,74 @@ def test_role_problems_read_as_english(role: str, expected: list[tuple[str, str]
     with pytest.raises(ConfigError) as caught:
         check_role(config, role)
     assert list(caught.value.problems) == expected
+
+
+@pytest.mark.parametrize(
+    ("redis", "key", "problem"),
+    [
+        pytest.param('url = ["redis://a", "redis://b"]', "redis.url", 'needs mode = "cluster"',
+                     id="list-without-cluster"),
+        pytest.param('mode = "cluster"\nurl = "redis://a/2"', "redis.url", "only database 0",
+                     id="cluster-database"),
+        pytest.param('mode = "cluster"\nurl = "unix:///r.sock"', "redis.url", "redis:// or rediss",
+                     id="cluster-unix"),
+        pytest.param('mode = "cluster"\nurl = ["redis://a", "http://b"]', "redis.url",
+                     "scheme must be", id="cluster-bad-scheme"),
+        pytest.param('mode = "cluster"\nurl = []', "redis.url", "at least one", id="cluster-empty"),
+        pytest.param('mode = "sentinel"\nservice_name = "m"', "redis.sentinels", "at least one",
+                     id="sentinel-without-sentinels"),
+        pytest.param('mode = "sentinel"\nsentinels = ["redis://s:26379"]', "redis.service_name",
+                     "service name", id="sentinel-without-service"),
+        pytest.param('sentinels = ["redis://s:26379"]', "redis.sentinels", 'mode = "sentinel"',
+                     id="sentinels-without-mode"),
+        pytest.param('mode = "sentinel"\nservice_name = "m"\nsentinels = ["http://s"]',
+                     "redis.sentinels", "scheme must be", id="sentinel-bad-scheme"),
+        pytest.param('tls_server_name = "r"', "redis.tls_server_name", "no Redis URL is rediss",
+                     id="tls-without-rediss"),
+        pytest.param('url = "rediss://r"\ntls_ca_file = "/no/such/ca.pem"', "redis.tls_ca_file",
+                     "not a readable file", id="tls-missing-file"),
+        pytest.param('url = "rediss://r"\ntls_key_file = "/etc/hostname"', "redis.tls_key_file",
+                     "needs tls_cert_file", id="tls-key-without-cert"),
+        pytest.param("min_replicas = -1", "redis.min_replicas", "greater than or equal",
+                     id="negative-replicas"),
+        pytest.param('mode = "replicated"', "redis.mode", "standalone", id="unknown-mode"),
+    ],
+)  # fmt: skip
+def test_redis_mode_keys_that_do_not_fit_name_the_key(redis: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(f"{MINIMAL}\n[redis]\n{redis}\n"), {})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("redis", "replicas", "urls"),
+    [
+        pytest.param("", 0, 1, id="standalone"),
+        pytest.param('mode = "cluster"\nurl = "redis://a:7000"', 1, 1, id="cluster-one-seed"),
+        pytest.param('mode = "cluster"\nurl = ["redis://a:7000", "rediss://b:7001"]', 1, 2,
+                     id="cluster-seeds"),
+        pytest.param('mode = "sentinel"\nsentinels = ["redis://s:26379"]\nservice_name = "m"', 1,
+                     1, id="sentinel"),
+        pytest.param('mode = "cluster"\nurl = "redis://a"\nmin_replicas = 0', 0, 1,
+                     id="cluster-no-wait"),
+        pytest.param("min_replicas = 2", 2, 1, id="standalone-wait"),
+    ],
+)  # fmt: skip
+def test_redis_modes_and_their_replica_default(redis: str, replicas: int, urls: int) -> None:
+    config = parse_config(tomllib.loads(f"{MINIMAL}\n[redis]\n{redis}\n"), {})
+    assert config.redis.replicas_required() == replicas
+    assert len(config.redis.urls()) == urls
+
+
+def test_a_list_of_redis_urls_from_the_environment() -> None:
+    environ = {
+        "MESSAGE_PROXY_REDIS__MODE": "cluster",
+        "MESSAGE_PROXY_REDIS__URL": '["redis://:pw@a:7000", "redis://:pw@b:7001"]',
+    }
+    config = parse_config(tomllib.loads(MINIMAL), environ)
+    assert [u.get_secret_value() for u in config.redis.urls()] == [
+        "redis://:pw@a:7000",
+        "redis://:pw@b:7001",
+    ]
+    assert "pw" not in repr(config.redis)
