@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hotpath, report, workloads
+from bench import hotpath, redis_modes, report, workloads
 from bench.procs import REPO
 
-WORKLOADS = ("hotpath", "stream", "exchange", "fanout", "latency", "memory", "startup")
+WORKLOADS = (
+    "hotpath", "stream", "exchange", "fanout", "latency", "memory", "startup", "redis-cluster"
+)  # fmt: skip
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +101,12 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "memory": (
             f"5. peak RSS draining a backlog of {args.backlog:,}",
             lambda: workloads.memory(args.backlog, args.memory_runs, log_dir, say),
+        ),
+        "redis-cluster": (
+            "7. drain into a 3-master Redis Cluster next to one Redis",
+            lambda: redis_modes.compare(
+                max(10_000, args.messages // 2), max(5, args.runs), 16, log_dir, say
+            ),
         ),
         "startup": (
             "6. start-up to /ready",

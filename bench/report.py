@@ -238,6 +238,9 @@ def table(results: dict[str, Any]) -> str:
     if results.get("startup"):
         parts.append("\n6. start-up")
         parts.append(plain_table(*startup_rows(results["startup"])))
+    if results.get("redis-cluster"):
+        parts.append("\n7. Redis Cluster next to one Redis (ratio: same round)")
+        parts.append(plain_table(*redis_cluster_rows(results["redis-cluster"])))
     if results.get("hotpath"):
         parts.append("\n0. hot path, in process (best of 25 loops)")
         parts.append(plain_table(*hotpath_rows(results["hotpath"])))
@@ -466,6 +469,8 @@ def document(results: dict[str, Any], png_name: str) -> str:
     if results.get("startup"):
         out.append("\n## 6. Start-up: process start to `/ready` 200\n")
         out.append(markdown_table(*startup_rows(results["startup"])))
+    if results.get("redis-cluster"):
+        out.append(redis_cluster_section(results["redis-cluster"]))
     out.append("\n" + HOW_TIMED)
     out.append(PEERS)
     out.append(VARIATION)
@@ -488,6 +493,36 @@ def document(results: dict[str, Any], png_name: str) -> str:
     if problems:
         out.append("\n## Problems seen in this run\n\n" + "\n".join(f"- {p}" for p in problems))
     return "\n".join(out) + "\n"
+
+
+REDIS_CLUSTER_HEADER = ["destination", "msg/s", "worker CPU us/msg", "/ single Redis", "each round"]
+
+
+def redis_cluster_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    from bench.redis_modes import summary
+
+    rows = []
+    first = data["modes"][0]
+    for name, rate, cpu, ratio in summary(data):
+        each = ", ".join(f"{r[name]['rate'] / r[first]['rate']:.2f}" for r in data["rounds"])
+        rows.append([name, f"{rate:,.0f}", f"{cpu:.0f}", f"{ratio:.2f}", each])
+    return REDIS_CLUSTER_HEADER, rows
+
+
+def redis_cluster_section(data: dict[str, Any]) -> str:
+    return (
+        f"\n## 7. Drain {data['messages']:,} messages into {data['streams']} streams: one Redis, "
+        "a Redis Cluster\n\n"
+        "The stream bridge drains the same backlog (16 routing keys in turn, one stream each) into "
+        "the machine's single Redis and into a 3-master Redis Cluster with one replica per master "
+        "(started on this machine by `tests/servers`), without and with `min_replicas = 1` (a WAIT "
+        "per node per batch), the three in turn in each of "
+        f"{len(data['rounds'])} rounds; ratios are to the single Redis of the same round, the "
+        "column the median of them. This part alone: `uv run python -m bench --only "
+        "redis-cluster` (or `uv run python -m bench.redis_modes`, which prints only).\n\n"
+        + markdown_table(*redis_cluster_rows(data))
+        + "\n"
+    )
 
 
 def machine_section(results: dict[str, Any], machine: dict[str, Any]) -> str:

@@ -40,7 +40,6 @@ from proxy.sinks.redis_clients import cluster_client
 from proxy.sinks.redis_stream import (
     _DEDUPE_SCRIPT,
     _UNREACHABLE,
-    _Call,
     _reply_outcome,
     _script_call,
     check_replicas,
@@ -111,13 +110,17 @@ class RedisClusterSink:
             call.args[1] = _SCRIPT_SHA
             commands.append(_Command(call.args, key_slot(target.name.encode())))
         replies = await self._guarded(self._write(commands))
-        for (index, target, _), reply in zip(plain, replies, strict=False):
-            if isinstance(reply, Exception):
-                outcomes[index] = _reply_outcome(reply, target)
-        scripted: list[tuple[_Call, Any]] = list(zip(calls, replies[len(plain) :], strict=True))
-        for call, reply in scripted:
-            for index, outcome in zip(call.indexes, call.outcomes(reply), strict=True):
-                outcomes[index] = outcome
+        try:
+            for (index, target, _), reply in zip(plain, replies, strict=False):
+                if isinstance(reply, Exception):
+                    outcomes[index] = _reply_outcome(reply, target)
+            scripted = list(zip(calls, replies[len(plain) :], strict=True))
+            for call, reply in scripted:
+                for index, outcome in zip(call.indexes, call.outcomes(reply), strict=True):
+                    outcomes[index] = outcome
+        except TransientError:  # CLUSTERDOWN, TRYAGAIN, LOADING...: the topology may be moving
+            self._stale = True
+            raise
         return outcomes
 
     async def _write(self, commands: list[_Command]) -> list[Any]:
