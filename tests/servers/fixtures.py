@@ -2,8 +2,10 @@
 stopped when the session ends.
 
 A server that cannot be started here (binary missing, boot timed out) skips the tests that need it,
-with the reason; ``MESSAGE_PROXY_TEST_SERVERS=require`` (what CI sets) fails them instead, so that a
-broken start cannot pass as a skip. A failed start is remembered: the next test skips at once.
+with the reason; ``TEST_SERVERS=require`` (what CI sets) fails them instead, so that a broken start
+cannot pass as a skip. (Not a ``MESSAGE_PROXY_`` name: workers started by the tests inherit the
+environment and would read it as a config key.) A failed start is remembered: the next test skips
+at once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _start(what: str, start: Callable[[], T]) -> T:
             return start()
         except ServerStartError as exc:
             reason = _FAILED[what] = f"{what} could not be started here: {exc}"
-    if os.environ.get("MESSAGE_PROXY_TEST_SERVERS") == "require":
+    if os.environ.get("TEST_SERVERS") == "require":
         pytest.fail(reason)
     pytest.skip(reason)
 
