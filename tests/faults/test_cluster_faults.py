@@ -73,12 +73,17 @@ def cluster_section(cluster: RedisCluster) -> str:
     )
 
 
-def cluster_reader(cluster: RedisCluster) -> Callable[[], ClusterClient]:
-    """Reads straight from the nodes, not through the proxies a fault may have cut."""
-    direct = {cluster.client_port(node): node.port for node in cluster.nodes}
+def cluster_reader(cluster: RedisCluster, *, direct: bool) -> Callable[[], ClusterClient]:
+    """Reads through the addresses the cluster announces (the fault proxies), or ``direct`` from
+    the nodes, for a fault that cuts the proxies. (redis-py does not follow ASK with an
+    ``address_remap``: only for a test that migrates no slot.)"""
+    nodes = [ClusterNode("127.0.0.1", cluster.client_port(node)) for node in cluster.nodes]
+    if not direct:
+        return lambda: ClusterClient(startup_nodes=nodes)
+    ports = {cluster.client_port(node): node.port for node in cluster.nodes}
     nodes = [ClusterNode("127.0.0.1", node.port) for node in cluster.nodes]
     return lambda: ClusterClient(
-        startup_nodes=nodes, address_remap=lambda a: (a[0], direct.get(a[1], a[1]))
+        startup_nodes=nodes, address_remap=lambda a: (a[0], ports.get(a[1], a[1]))
     )
 
 
@@ -86,11 +91,12 @@ def cluster_reader(cluster: RedisCluster) -> Callable[[], ClusterClient]:
 async def cluster_rig(
     request: pytest.FixtureRequest, tmp_path: Path, healthy_redis_cluster: RedisCluster
 ) -> AsyncIterator[RedisRig]:
+    dedupe, direct = request.param
     rig = RedisRig(
         tmp_path,
-        dedupe=request.param,
+        dedupe=dedupe,
         redis_section=cluster_section(healthy_redis_cluster),
-        reader=cluster_reader(healthy_redis_cluster),
+        reader=cluster_reader(healthy_redis_cluster, direct=direct),
     )
     try:
         yield rig
@@ -99,7 +105,9 @@ async def cluster_rig(
         healthy_redis_cluster.heal()
 
 
-@pytest.mark.parametrize("cluster_rig", [True, False], ids=["dedupe", "no-dedupe"], indirect=True)
+@pytest.mark.parametrize(
+    "cluster_rig", [(True, False), (False, False)], ids=["dedupe", "no-dedupe"], indirect=True
+)
 async def test_a_cluster_master_killed_mid_flow(
     cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
 ) -> None:
@@ -118,13 +126,17 @@ async def test_a_cluster_master_killed_mid_flow(
     await rig.check(result)
 
 
-@pytest.mark.parametrize("cluster_rig", [True, False], ids=["dedupe", "no-dedupe"], indirect=True)
+@pytest.mark.parametrize(
+    "cluster_rig", [(True, False), (False, False)], ids=["dedupe", "no-dedupe"], indirect=True
+)
 async def test_the_stream_slot_migrated_mid_flow(
     cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
 ) -> None:
     """The slot moves to another master while the worker writes to it: ASK while its keys are
     moving, MOVED once the slot is the other master's. Redirected entries are sent again alone,
-    so nothing is written twice, with dedupe or without."""
+    so nothing is written twice, with dedupe or without. A dedupe script call during the move gets
+    TRYAGAIN after its ASK (its new key is on neither node): the batch is held, and the slot map
+    reloaded before the retry finds the new owner without a MOVED."""
     cluster, rig = healthy_redis_cluster, cluster_rig
     slot = key_slot(rig.stream.encode())
     source = cluster.master_for_slot(slot)
@@ -142,12 +154,16 @@ async def test_the_stream_slot_migrated_mid_flow(
     )
     result = rig.record("redis cluster slot migrated", ids, counts, recover_s, unready)
     logs = rig.logs()
-    assert " by ASK" in logs and " by MOVED" in logs, logs
+    assert " by ASK" in logs, logs
+    if cluster_rig.dedupe:
+        assert "during rehashing of slot" in logs, logs  # TRYAGAIN
+    else:
+        assert " by MOVED" in logs, logs
     assert result.duplicates == 0, result
     await rig.check(result)
 
 
-@pytest.mark.parametrize("cluster_rig", [True], ids=["dedupe"], indirect=True)
+@pytest.mark.parametrize("cluster_rig", [(True, True)], ids=["dedupe"], indirect=True)
 async def test_every_cluster_node_unreachable(
     cluster_rig: RedisRig, healthy_redis_cluster: RedisCluster
 ) -> None:

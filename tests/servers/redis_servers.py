@@ -158,26 +158,35 @@ class RedisCluster:
     def wait_healthy(self, within: float = 20.0) -> None:
         """Every node up, the cluster ``ok`` everywhere, each of 3 masters with a synced replica."""
 
-        def healthy() -> bool:
+        def problem() -> str | None:
             live = [n for n in self.nodes if n.running]
             if len(live) < 6:
-                return False
+                return f"{6 - len(live)} node(s) not running"
             for node in live:
                 info = node.client().execute_command("CLUSTER", "INFO").decode()
                 if "cluster_state:ok" not in info:
-                    return False
+                    return f"{node.name}: cluster_state not ok"
             masters = self.masters()
             if len(masters) != 3:
-                return False
+                return f"masters: {[m.name for m in masters]}"
             for master in masters:
                 replication = master.client().info("replication")
                 if replication.get("connected_slaves") != 1:
-                    return False
+                    return f"{master.name}: {replication.get('connected_slaves')} replicas"
                 if not str(replication.get("slave0", {}).get("state", "")) == "online":
-                    return False
-            return True
+                    return f"{master.name}: its replica is not online yet"
+            return None
 
-        wait_until(healthy, within, "redis cluster healthy")
+        found: list[str | None] = [None]
+
+        def healthy() -> bool:
+            found[0] = problem()
+            return found[0] is None
+
+        try:
+            wait_until(healthy, within, "redis cluster healthy")
+        except ServerStartError as exc:
+            raise ServerStartError(f"{exc}: {found[0]}") from None
 
     def masters(self) -> list[RedisNode]:
         return [n for n in self.nodes if n.running and _role(n) == "master"]
@@ -241,13 +250,28 @@ class RedisCluster:
         node.start()
 
     def heal(self) -> None:
-        """Back to 3 masters with a replica each, whatever a test did."""
+        """Back to 3 masters with a replica each and no slot half migrated, whatever a test did."""
         for node in self.nodes:
             if not node.running:
                 self.restart(node)
         for proxy in self.proxies:
             proxy.heal()
         self.wait_healthy()
+        self._finish_open_migrations()
+
+    def _finish_open_migrations(self) -> None:
+        by_id = {self.node_id(node): node for node in self.masters()}
+        for source in list(by_id.values()):
+            for line in self._known(source):
+                parts = line.split()
+                if "myself" not in parts[2]:
+                    continue
+                for item in parts[8:]:  # "[slot->-target-id]": migrating to that node
+                    if "->-" in item:
+                        slot, target_id = item.strip("[]").split("->-")
+                        target = by_id[target_id]
+                        self.move_keys(int(slot), source, target)
+                        self.finish_migration(int(slot), target)
 
     def cut_all(self) -> None:
         for proxy in self.proxies:
