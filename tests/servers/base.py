@@ -71,7 +71,7 @@ class Workspace:
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self._groups: list[int] = []
         self._reaper = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers.reaper", str(self.root)],
+            [sys.executable, "-m", "tests.servers.reaper", str(self.root), str(os.getpid())],
             cwd=Path(__file__).resolve().parents[2],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -1,8 +1,10 @@
 """Ends a session's test servers once the process that started them is gone.
 
-``python -m tests.servers.reaper FOLDER``, started by ``Workspace``: it waits until its parent dies
-(it is then re-parented) or until it is terminated, then kills every process group listed in
-``FOLDER/pids`` and removes the folder. Standard library only; it must outlive a killed pytest.
+``python -m tests.servers.reaper FOLDER PARENT_PID``, started by ``Workspace``: it waits until its
+parent dies (it is then re-parented; the pid is passed in, as the parent may die before this
+process has even started) or until it is terminated (a clean close), then kills every process
+group listed in ``FOLDER/pids`` and removes the folder. Standard library only; it must outlive a
+killed pytest.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ def reap(folder: Path) -> None:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1])
-    parent = os.getppid()
+    folder, parent = Path(sys.argv[1]), int(sys.argv[2])
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
