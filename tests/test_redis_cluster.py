@@ -17,7 +17,7 @@ from proxy.message import Message
 from proxy.routing import StreamTarget
 from proxy.sinks import Accepted, Publish
 from proxy.sinks.redis_cluster import RedisClusterSink
-from proxy.sinks.redis_stream import dedupe_key, hash_tag
+from proxy.sinks.redis_stream import dedupe_key
 from tests.helpers import unique
 from tests.servers.redis_servers import RedisCluster
 
@@ -138,34 +138,3 @@ async def test_every_node_unreachable_is_transient_then_heals(
     await sink.ping()
     assert await sink.publish_batch(items(name, ["1"])) == [None]
     assert await lengths(reader, [name]) == [1]
-
-
-@pytest.mark.parametrize(
-    ("key", "tag"),
-    [
-        pytest.param("orders", None, id="no-braces"),
-        pytest.param("orders{eu}", "eu", id="tag"),
-        pytest.param("{eu}orders{us}", "eu", id="first-tag-wins"),
-        pytest.param("orders{}x", None, id="empty-braces"),
-        pytest.param("a{b", None, id="unclosed"),
-        pytest.param("a}b{c}", "c", id="close-before-open"),
-    ],
-)
-def test_hash_tag(key: str, tag: str | None) -> None:
-    assert hash_tag(key) == tag
-
-
-@pytest.mark.parametrize(
-    "stream",
-    [
-        pytest.param("orders", id="plain"),
-        pytest.param("orders{eu}", id="own-tag"),
-        pytest.param("a{b", id="unclosed-brace"),
-        pytest.param("a}b", id="closing-brace"),
-        pytest.param("x{}y", id="empty-tag"),
-    ],
-)
-def test_a_dedupe_key_lands_in_its_stream_slot(stream: str) -> None:
-    key = dedupe_key(stream, "id-1")
-    assert key_slot(key.encode()) == key_slot(stream.encode())
-    assert key.endswith(":dedupe:id-1")
