@@ -156,6 +156,20 @@ class AmqpSettings(Frozen):
         ),
         examples=[30],
     )
+    max_inflight_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Bytes of message bodies the worker may hold unacked, on the consuming connection "
+            "(`[amqp]`; not used by `[amqp_out]`). `prefetch` bounds messages, not bytes: at "
+            "this many bytes the worker stops reading the connection (TCP back-pressure; "
+            "RabbitMQ waits) until a written batch frees room. A batch also takes at most an "
+            "eighth of it in bodies, since writing copies them. A single message larger than "
+            "this still goes through, alone. Default 64 MiB: about 150 MB of RSS with 8 MiB "
+            "bodies."
+        ),
+        examples=[16 * 1024 * 1024],
+    )
 
     @field_validator("url")
     @classmethod

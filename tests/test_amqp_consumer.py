@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
+import psutil
 import pytest
 
 from proxy.config import parse_config
@@ -31,7 +32,6 @@ from tests.helpers import (
     delete_keys,
     delete_queues,
     publish,
-    queue_depth,
     redis_url_via,
     stream_entries,
     stream_length,
@@ -223,7 +223,7 @@ to = [ {{ stream = "{stream}" }} ]
         async with AsyncExitStack() as stack:
             await held_past_the_consumer_timeout(stack, worker, metrics)
             proxies["redis"].heal()
-            await async_wait_for(lambda: queue_depth_is(queue, 0), within=15, what="acked")
+            await async_wait_for(lambda: acked(metrics, queue) == 20, within=15, what="acked")
             await asyncio.sleep(0.3)  # a stale copy would be written by now
         written = Counter(await stream_message_ids(stream))
         assert written == Counter({f"m-{i}": 1 for i in range(20)})
@@ -262,7 +262,7 @@ routing_key = "dead"
         async with AsyncExitStack() as stack:
             await held_past_the_consumer_timeout(stack, worker, metrics)
             proxies["amqp_out"].heal()
-            await async_wait_for(lambda: queue_depth_is(queue, 0), within=15, what="acked")
+            await async_wait_for(lambda: acked(metrics, queue) == 20, within=15, what="acked")
             await asyncio.sleep(0.3)
         dead = Counter(await drained_message_ids(dead_queue))
         assert dead == Counter({f"bad-{i}": 1 for i in range(10)})
@@ -285,8 +285,11 @@ async def drained_message_ids(queue: str) -> list[str]:
     return ids
 
 
-async def queue_depth_is(queue: str, depth: int) -> bool:
-    return await queue_depth(queue) == depth
+def acked(metrics: Metrics, queue: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "message_proxy_messages_acked_total", {"queue": queue}
+    )
+    return value or 0.0
 
 
 # --- a consumer the broker cancels ------------------------------------------------------------
@@ -340,7 +343,7 @@ declare = false
             proxies["redis"].heal()
             await publish(numbered(1, "bound"), exchange=exchange, routing_key="k")
             await publish(numbered(1, "external"), routing_key=external)
-            await async_wait_for(lambda: queue_depth_is(quorum, 0), within=15, what="acked")
+            await async_wait_for(lambda: acked(metrics, quorum) == 30, within=15, what="acked")
             await async_wait_for(
                 lambda: stream_length_is(stream, 32), within=10, what="all in the stream"
             )
@@ -361,3 +364,77 @@ declare = false
 
 async def stream_length_is(stream: str, length: int) -> bool:
     return await stream_length(stream) == length
+
+
+# --- max_inflight_bytes -----------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+async def test_held_bodies_are_bounded_by_bytes_and_the_pause_is_not_a_dead_broker(
+    tmp_path: Path, proxies: dict[str, TcpProxy]
+) -> None:
+    """Redis cut, 60 MiB published with the default prefetch (1000): the worker holds about
+    ``max_inflight_bytes`` (4 MiB) and stops reading; held for 4 s, past three 1 s heartbeats,
+    the connection stays. Measured without the limit: 77 MiB more while held, 106 MiB draining."""
+    queue, stream = unique("bytes"), unique("bytes")
+    text = f"""
+[amqp]
+url = "{AMQP_URL}"
+heartbeat = 1
+max_inflight_bytes = {4 * MIB}
+
+[redis]
+url = "{redis_url_via(proxies["redis"].port)}"
+timeout = 1
+
+[[sources]]
+queue = "{queue}"
+
+[[routes]]
+name = "all"
+to = [ {{ stream = "{stream}", maxlen = 20 }} ]
+"""
+    worker = WorkerProcess(text, tmp_path)
+    try:
+        await asyncio.to_thread(worker.start)
+        assert worker.process is not None
+        process = psutil.Process(worker.process.pid)
+        before = process.memory_info().rss
+        proxies["redis"].cut()
+        bodies = [b"%d" % i + b"." * (MIB - 8) for i in range(60)]
+        bodies.append(b"big" + b"." * (6 * MIB))  # larger than the limit: still goes, alone
+        messages = [aio_pika.Message(body, message_id=f"m-{i}") for i, body in enumerate(bodies)]
+        await publish(messages, routing_key=queue, confirm_every=10)
+        held_peak = await peak_rss(process, seconds=4.0)
+        proxies["redis"].heal()
+        acked_all = f'message_proxy_messages_acked_total{{queue="{queue}"}} 61.0'
+        drained = asyncio.create_task(
+            async_wait_for(lambda: acked_all in worker.metrics(), within=30, what="all acked")
+        )
+        drain_peak = await peak_rss(process, until=drained)
+        await drained
+        growth = (max(held_peak, drain_peak) - before) / MIB
+        print(f"\n[measured] RSS {before / MIB:.0f} MiB, +{growth:.0f} MiB holding/draining 66 MiB")
+        assert growth < 30, growth
+        # All 61 acked, so written; maxlen keeps the last ones, the big one last of all.
+        assert (await stream_message_ids(stream))[-1] == "m-60"
+        metrics, logs = worker.metrics(), worker.logs()
+        assert 'message_proxy_reconnects_total{broker="amqp"}' not in metrics, logs
+        assert "no frame from the broker" not in logs
+    finally:
+        worker.kill()
+        await delete_queues(queue)
+        await delete_keys(stream)
+
+
+async def peak_rss(
+    process: psutil.Process, *, seconds: float = 0.0, until: asyncio.Task[object] | None = None
+) -> int:
+    peak, deadline = 0, asyncio.get_running_loop().time() + seconds
+    while (until is not None and not until.done()) or (
+        until is None and asyncio.get_running_loop().time() < deadline
+    ):
+        peak = max(peak, process.memory_info().rss)
+        await asyncio.sleep(0.05)
+    return peak

@@ -33,6 +33,7 @@ from pamqp import commands as spec
 from pamqp.base import Frame
 
 from proxy.amqp import frames as wire
+from proxy.amqp.flow import HeldBodies
 from proxy.errors import AmqpError, ChannelClosed
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ class _Delivery:
 class AmqpConnection(asyncio.Protocol):
     """One connection with one channel, for consuming. Open it with ``AmqpConnection.open``."""
 
-    def __init__(self, endpoint: Endpoint, connection_name: str) -> None:
+    def __init__(
+        self, endpoint: Endpoint, connection_name: str, *, max_inflight_bytes: int | None = None
+    ) -> None:
         self._endpoint = endpoint
         self._connection_name = connection_name
         self._loop = asyncio.get_running_loop()
@@ -138,6 +141,9 @@ class AmqpConnection(asyncio.Protocol):
         self._handle_frames: Callable[[bytes], int] = self._frames
         self._close_ok_timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
+        # Bodies delivered and not settled; past the limit, reading stops until some are.
+        self._held = HeldBodies(max_inflight_bytes) if max_inflight_bytes else None
+        self._reading_paused = False
         self.on_cancel: Callable[[], None] | None = None  # the broker cancelled a consumer
         self.closed: asyncio.Future[AmqpError] = self._loop.create_future()
         self.frame_max = FRAME_MAX
@@ -153,10 +159,16 @@ class AmqpConnection(asyncio.Protocol):
     # --- opening ---
 
     @classmethod
-    async def open(cls, endpoint: Endpoint, *, connection_name: str) -> AmqpConnection:
-        """Connect, authenticate, open the channel; the caller bounds it with a timeout."""
+    async def open(
+        cls, endpoint: Endpoint, *, connection_name: str, max_inflight_bytes: int | None = None
+    ) -> AmqpConnection:
+        """Connect, authenticate, open the channel; the caller bounds it with a timeout.
+
+        ``max_inflight_bytes``: stop reading the socket while the bodies delivered and not yet
+        settled add up to this many bytes (``flow``); None for no limit.
+        """
         loop = asyncio.get_running_loop()
-        connection = cls(endpoint, connection_name)
+        connection = cls(endpoint, connection_name, max_inflight_bytes=max_inflight_bytes)
         # Expect connection.start before the socket exists: it may come before open() resumes.
         connection._reply = loop.create_future()
         try:
@@ -307,9 +319,39 @@ class AmqpConnection(asyncio.Protocol):
 
     def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         self._send(wire.ack_frame(CHANNEL, delivery_tag, multiple=multiple))
+        if self._held is not None and self._held.release(delivery_tag, multiple=multiple):
+            self._resume_reading()
 
     def reject(self, delivery_tag: int, *, requeue: bool = False) -> None:
         self._send(wire.reject_frame(CHANNEL, delivery_tag, requeue=requeue))
+        if self._held is not None and self._held.release(delivery_tag, multiple=False):
+            self._resume_reading()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the bodies held unacked fill ``max_inflight_bytes``: nothing is read,
+        replies to requests included, until a settle frees room."""
+        return self._reading_paused
+
+    def _pause_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self._reading_paused = True
+            log.debug("amqp: %d bytes of bodies held: reading paused", self._held_bytes())
+
+    def _resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        self._last_received = time.monotonic()  # the silence while paused was ours, not its
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+            log.debug("amqp: %d bytes of bodies held: reading again", self._held_bytes())
+
+    def _held_bytes(self) -> int:
+        return self._held.total if self._held is not None else 0
 
     def write(self, data: bytes) -> None:
         """Write frames as they are (publishes); raises ``AmqpError`` once closed."""
@@ -561,6 +603,10 @@ class AmqpConnection(asyncio.Protocol):
     def _deliver(self, delivery: _Delivery, body: bytes) -> None:
         self._delivery = None
         delivery.values["body"] = body
+        held = self._held
+        if held is not None and delivery.consumer is not _ignore:
+            if held.hold(delivery.tag, len(body)) and not self._reading_paused:
+                self._pause_reading()  # takes effect after this read: the rest of it is handled
         delivery.consumer(delivery.values, delivery.tag, delivery.defect)
 
     # --- heartbeats ---
@@ -570,10 +616,10 @@ class AmqpConnection(asyncio.Protocol):
         while not self.closed.done():
             await asyncio.sleep(interval)
             now = time.monotonic()
-            if now - self._last_received > self._heartbeat * MISSED_HEARTBEATS:
-                self.abort(
-                    AmqpError(f"no frame from the broker in {now - self._last_received:.0f}s")
-                )
+            silent = now - self._last_received
+            # While reading is paused, by our choice, what the broker sent waits unread.
+            if not self._reading_paused and silent > self._heartbeat * MISSED_HEARTBEATS:
+                self.abort(AmqpError(f"no frame from the broker in {silent:.0f}s"))
                 return
             if now - self._last_sent >= interval:
                 self._send_if_open(wire.HEARTBEAT)

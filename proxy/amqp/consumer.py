@@ -143,7 +143,9 @@ class AmqpSource:
 
     async def _connect_and_consume(self) -> None:
         self._connection = connection = await AmqpConnection.open(
-            self._endpoint, connection_name=self._connection_name
+            self._endpoint,
+            connection_name=self._connection_name,
+            max_inflight_bytes=self._settings.max_inflight_bytes,
         )
         connection.on_cancel = self._news.set
         connection.closed.add_done_callback(lambda _: self._news.set())
@@ -262,6 +264,8 @@ class AmqpSource:
                     queue,
                 )
         self._health.set_consumers(self._consumed(connection))
+        if connection.reading_paused:
+            return  # a request's reply would wait behind the unread deliveries: later
         try:
             async with asyncio.timeout(self._settings.connect_timeout):
                 await self._start_consumers(connection)
