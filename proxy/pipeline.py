@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 
 from proxy.amqp.consumer import Delivery, Settler
 from proxy.backoff import Backoff
@@ -73,6 +74,7 @@ class Pipeline:
         metrics: Metrics,
         dead_letter: DeadLetterDestination | None = None,
         drop_unrouted: bool = False,
+        max_batch_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -82,6 +84,9 @@ class Pipeline:
         self._drop_unrouted = drop_unrouted
         self._max_messages = batch.max_messages
         self._max_delay = batch.max_delay_ms / 1000
+        # Bodies per batch (at least one delivery): writing a batch copies its bodies on the
+        # way out, so with large bodies a smaller batch keeps those copies small.
+        self._max_batch_bytes = max_batch_bytes
         self._health = health
         self._metrics = metrics
         self._clock = clock
@@ -116,8 +121,7 @@ class Pipeline:
             await self._wake.wait()
             while self._pending:
                 await self._wait_for_batch()
-                batch = self._pending[: self._max_messages]
-                del self._pending[: self._max_messages]
+                batch = self._next_batch()
                 self._inflight = len(batch)
                 try:
                     await self._flush(batch)
@@ -126,6 +130,22 @@ class Pipeline:
             self._wake.clear()
             self._full.clear()
             self._idle.set()
+
+    def _next_batch(self) -> list[Delivery]:
+        """The oldest deliveries: up to ``max_messages``, and up to ``max_batch_bytes`` of
+        bodies, but at least one."""
+        pending, count = self._pending, self._max_messages
+        limit = self._max_batch_bytes
+        if limit is not None and sum(map(len, map(_body, pending[:count]))) > limit:
+            size = 0
+            for position, delivery in enumerate(pending[:count]):
+                size += len(delivery.message.body)
+                if size >= limit:
+                    count = position + 1
+                    break
+        batch = pending[:count]
+        del pending[:count]
+        return batch
 
     async def _wait_for_batch(self) -> None:
         if len(self._pending) >= self._max_messages or self._draining:
@@ -440,6 +460,9 @@ def _still_held(
             len(items) - len(kept),
         )
     return kept
+
+
+_body = attrgetter("message.body")
 
 
 def _count_queues(deliveries: Iterable[Delivery]) -> Counter[str]:

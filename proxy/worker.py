@@ -23,6 +23,11 @@ from proxy.timeouts import bounded
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.25
+# A batch takes at most this share of [amqp] max_inflight_bytes in bodies: on its way out a
+# batch is copied (the Redis client packs each command, the socket buffers what it cannot send
+# at once), so the worker holds max_inflight_bytes plus about twice a batch. Measured, 8 MiB
+# bodies at the defaults: peak RSS 225 MB with whole batches, 150 MB with an eighth.
+BATCH_SHARE_OF_INFLIGHT = 8
 PING_INTERVAL_S = 0.5  # + PING_TIMEOUT_S: a silent broker shows in readiness within 1.5 s
 PING_TIMEOUT_S = 1.0
 CLOSE_TIMEOUT_S = 5.0
@@ -134,6 +139,7 @@ class Worker:
             metrics=metrics,
             dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
             drop_unrouted=config.unrouted == "drop",
+            max_batch_bytes=config.amqp.max_inflight_bytes // BATCH_SHARE_OF_INFLIGHT,
             clock=clock,
         )
         self.source = AmqpSource(

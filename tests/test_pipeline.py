@@ -138,6 +138,23 @@ async def test_batches_respect_max_messages(queue: str, metrics: Metrics) -> Non
     assert sample(metrics, "message_proxy_batch_size_bucket", le="100.0") == count
 
 
+async def test_batches_of_large_bodies_are_cut_by_bytes(queue: str, metrics: Metrics) -> None:
+    sink = MemorySink("memory")
+    routes = '[[routes]]\nname = "all"\nto = [ { stream = "s" } ]'
+    # An eighth of max_inflight_bytes per batch: 1 MiB, so at most 4 bodies of 300 KiB.
+    worker = make_worker(queue, routes, sink, metrics, "[amqp]\nmax_inflight_bytes = 8388608")
+    body = b"x" * 300 * 1024
+    async with running(worker):
+        await publish(
+            [aio_pika.Message(body, message_id=str(i)) for i in range(40)], routing_key=queue
+        )
+        await async_wait_for(lambda: len(sink.published) == 40, what="all")
+    assert [p.message.message_id for p in sink.published] == [str(i) for i in range(40)]
+    count = sample(metrics, "message_proxy_batch_size_count")
+    assert count >= 10
+    assert sample(metrics, "message_proxy_batch_size_bucket", le="5.0") == count
+
+
 async def test_graceful_stop_drains_in_process(queue: str, metrics: Metrics) -> None:
     sink = MemorySink("memory")
     routes = '[[routes]]\nname = "all"\nto = [ { stream = "s" } ]'
