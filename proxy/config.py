@@ -165,7 +165,7 @@ class AmqpSettings(Frozen):
             "this many bytes the worker stops reading the connection (TCP back-pressure; "
             "RabbitMQ waits) until a written batch frees room. A batch also takes at most an "
             "eighth of it in bodies, since writing copies them. A single message larger than "
-            "this still goes through, alone. Default 64 MiB: about 150 MB of RSS with 8 MiB "
+            "this still goes through, alone. Default 64 MiB: about 150 MiB of RSS with 8 MiB "
             "bodies."
         ),
         examples=[16 * 1024 * 1024],

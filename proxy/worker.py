@@ -26,7 +26,7 @@ HEARTBEAT_INTERVAL_S = 0.25
 # A batch takes at most this share of [amqp] max_inflight_bytes in bodies: on its way out a
 # batch is copied (the Redis client packs each command, the socket buffers what it cannot send
 # at once), so the worker holds max_inflight_bytes plus about twice a batch. Measured, 8 MiB
-# bodies at the defaults: peak RSS 225 MB with whole batches, 150 MB with an eighth.
+# bodies at the defaults: peak RSS 225 MiB with whole batches, 150 MiB with an eighth.
 BATCH_SHARE_OF_INFLIGHT = 8
 PING_INTERVAL_S = 0.5  # + PING_TIMEOUT_S: a silent broker shows in readiness within 1.5 s
 PING_TIMEOUT_S = 1.0
