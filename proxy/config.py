@@ -11,9 +11,10 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -31,6 +32,7 @@ from pydantic import (
 
 from proxy.config_errors import problems as validation_problems
 from proxy.errors import ConfigError
+from proxy.stream_offsets import offset_key
 from proxy.templates import Template
 
 ENV_PREFIX = "MESSAGE_PROXY_"
@@ -482,11 +484,92 @@ class Source(Frozen):
         examples=[True],
     )
 
+    stream_offset: Literal["first", "last", "next"] | datetime = Field(
+        "first",
+        description=(
+            "Stream queues only (`arguments` with `x-queue-type = \"stream\"`): where the "
+            "source starts the first time, while Redis holds no offset for it: `\"first\"` (the "
+            "oldest message the stream still keeps), `\"last\"` (the last chunk written), "
+            "`\"next\"` (only messages published from then on), or an RFC 3339 time with its "
+            "offset, as a TOML date-time or a string (the first chunk written at or after it). "
+            "After that the worker always resumes right after the last offset it wrote. See "
+            "docs/STREAM-SOURCES.md."
+        ),
+        examples=["next", "2026-01-01T00:00:00Z"],
+    )
+    offset_key: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Stream queues only: the Redis key that keeps the offset of the last message "
+            "written from this source. Default `message-proxy:stream-offset:<vhost>:<queue>`, "
+            "the vhost URL-encoded (`%2F` for `/`). Give two deployments that read the same "
+            "stream into the same Redis with different routes keys of their own; delete the key "
+            "to start again from `stream_offset`."
+        ),
+        examples=["message-proxy:stream-offset:%2F:events-stream:audit"],
+    )
+
+    @field_validator("single_active_consumer")
+    @classmethod
+    def _single_active_consumer(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and _is_stream(info.data.get("arguments")):
+            raise ValueError(
+                "a stream queue has no single active consumer over AMQP 0-9-1 (RabbitMQ refuses "
+                "the declaration); every consumer of a stream reads all of it"
+            )
+        return value
+
+    @field_validator("stream_offset", mode="before")
+    @classmethod
+    def _stream_offset(cls, value: Any, info: ValidationInfo) -> Any:
+        if "arguments" in info.data and not _is_stream(info.data["arguments"]):
+            raise ValueError(_ONLY_FOR_STREAMS)
+        if value in ("first", "last", "next"):
+            return value
+        moment = value
+        if isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                moment = None
+        if not isinstance(moment, datetime):
+            raise ValueError(
+                "must be \"first\", \"last\", \"next\" or an RFC 3339 time such as "
+                "2026-01-01T00:00:00Z"
+            )
+        if moment.tzinfo is None:
+            raise ValueError("the time needs its offset from UTC, e.g. 2026-01-01T00:00:00Z")
+        return moment
+
+    @field_validator("offset_key")
+    @classmethod
+    def _offset_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        arguments = info.data.get("arguments")
+        if value is not None and arguments is not None and not _is_stream(arguments):
+            raise ValueError(_ONLY_FOR_STREAMS)
+        return value
+
+    @property
+    def is_stream(self) -> bool:
+        """A stream queue: read with offsets, never rejected (RabbitMQ cannot)."""
+        return _is_stream(self.arguments)
+
+    def offset_key_in(self, vhost: str) -> str:
+        return self.offset_key or offset_key(vhost, self.queue)
+
     def queue_arguments(self) -> dict[str, Any]:
         arguments = dict(self.arguments)
         if self.single_active_consumer:
             arguments["x-single-active-consumer"] = True
         return arguments
+
+
+_ONLY_FOR_STREAMS = 'only for a stream queue (arguments with x-queue-type = "stream")'
+
+
+def _is_stream(arguments: Any) -> bool:
+    return isinstance(arguments, Mapping) and arguments.get("x-queue-type") == "stream"
 
 
 def _template(value: str, *, allow_empty: bool = False) -> str:
@@ -960,6 +1043,13 @@ class Config(Frozen):
             names.append(declared_name(self.dead_letter.exchange or ""))
         return list(dict.fromkeys(names))
 
+    def stream_sources(self) -> list[Source]:
+        return [source for source in self.sources if source.is_stream]
+
+    def needs_redis(self) -> bool:
+        """Stream destinations write to Redis; stream sources keep their offsets there."""
+        return self.uses_streams() or bool(self.stream_sources())
+
     def uses_exchanges(self) -> bool:
         dead_letter_exchange = (
             self.dead_letter is not None and self.dead_letter.exchange is not None
@@ -1025,6 +1115,42 @@ def _check_unique_route_names(config: Config) -> None:
         raise ConfigError.of(duplicates)
 
 
+def amqp_vhost(settings: AmqpSettings) -> str:
+    """The vhost of the AMQP URL, as the connection reads it."""
+    path = urlsplit(settings.url.get_secret_value()).path
+    return unquote(path[1:]) if path not in ("", "/") else "/"
+
+
+def _check_stream_sources(config: Config) -> None:
+    problems: list[tuple[str, str]] = []
+    keys: dict[str, int] = {}
+    vhost = amqp_vhost(config.amqp)
+    for index, source in enumerate(config.sources):
+        if not source.is_stream:
+            continue
+        if config.dead_letter is None and config.unrouted != "drop":
+            problems.append(
+                (
+                    f"sources[{index}]",
+                    f"queue {source.queue!r} is a stream queue, which cannot reject a message "
+                    "(RabbitMQ closes the connection): add a [dead_letter] destination or set "
+                    'unrouted = "drop"',
+                )
+            )
+        key = source.offset_key_in(vhost)
+        if key in keys:
+            problems.append(
+                (
+                    f"sources[{index}].offset_key",
+                    f"offset key {key!r} is also sources[{keys[key]}]'s: each stream source "
+                    "needs its own",
+                )
+            )
+        keys.setdefault(key, index)
+    if problems:
+        raise ConfigError.of(problems)
+
+
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     merged, origins = apply_env_overrides(dict(data), os.environ if environ is None else environ)
     try:
@@ -1033,6 +1159,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str] | None = No
         raise ConfigError.of(validation_problems(exc, Config, data, origins)) from None
     _check_unique_route_names(config)
     config.redis.check_modes()
+    _check_stream_sources(config)
     return config
 
 
