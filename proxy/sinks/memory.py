@@ -1,11 +1,15 @@
-"""An in-memory sink for routing tests and dry runs: it records what it was given."""
+"""An in-memory sink for routing tests and dry runs: it records what it was given.
+
+It keeps stream-queue offsets too (an ``OffsetStore``), recorded atomically with the items, as
+the Redis sink does.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from proxy.errors import PermanentError, TransientError
-from proxy.sinks import Outcome, Publish
+from proxy.sinks import Accepted, Outcome, Publish
 
 
 class MemorySink:
@@ -20,6 +24,8 @@ class MemorySink:
         self.published: list[Publish] = []
         self.failures_left = 0  # raise TransientError this many times before accepting
         self.closed = False
+        self.offsets: dict[str, int] = {}
+        self.atomic = True  # False: record offsets only through record_offsets, like a cluster
 
     @property
     def broker(self) -> str:
@@ -43,6 +49,36 @@ class MemorySink:
                 self.published.append(item)
             outcomes.append(refusal)
         return outcomes
+
+    async def read_offsets(self, keys: Sequence[str]) -> dict[str, int]:
+        if self.failures_left:
+            raise TransientError("memory sink is down")
+        return {key: self.offsets[key] for key in keys if key in self.offsets}
+
+    async def record_offsets(self, offsets: Mapping[str, int]) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise TransientError("memory sink is down")
+        for key, offset in offsets.items():
+            self.offsets[key] = max(offset, self.offsets.get(key, -1))
+
+    async def publish_recording(
+        self, items: Sequence[Publish], offsets: Mapping[str, int]
+    ) -> tuple[list[Outcome], bool]:
+        fresh = [
+            item.position is None
+            or item.position.offset is None
+            or item.position.offset > self.offsets.get(item.position.key, -1)
+            for item in items
+        ]
+        outcomes = await self.publish_batch([i for i, new in zip(items, fresh, strict=True) if new])
+        written = iter(outcomes)
+        merged = [next(written) if new else Accepted.ALREADY_WRITTEN for new in fresh]
+        if not self.atomic or any(isinstance(o, PermanentError) for o in merged):
+            return merged, False
+        for key, offset in offsets.items():
+            self.offsets[key] = max(offset, self.offsets.get(key, -1))
+        return merged, True
 
     async def aclose(self) -> None:
         self.closed = True

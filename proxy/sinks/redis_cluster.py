@@ -17,6 +17,11 @@ retried, readiness turns false, and the slot map is loaded again before the next
 
 De-duplication is the Lua script of the standalone sink: a stream and its dedupe keys share a hash
 tag, so each stream's check-and-write is one script call on one node.
+
+Stream-queue offsets are kept here too, but not written in the same step as the entries (the keys
+of a batch span slots): a batch's items at or below their source's recorded offset are left out
+(read first), and the offsets are recorded once every destination accepted the batch. At least
+once: a batch written but not recorded (a kill, a lost reply) is written again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import asyncio
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,8 +40,9 @@ from redis.crc import key_slot
 
 from proxy.config import RedisSettings
 from proxy.errors import TransientError
-from proxy.sinks import Outcome, Publish
+from proxy.sinks import Accepted, Outcome, Publish
 from proxy.sinks.redis_clients import cluster_client
+from proxy.sinks.redis_offsets import RECORD_SCRIPT, parse_offsets
 from proxy.sinks.redis_stream import (
     _DEDUPE_SCRIPT,
     _UNREACHABLE,
@@ -122,6 +128,46 @@ class RedisClusterSink:
             self._stale = True
             raise
         return outcomes
+
+    # --- stream-queue offsets (OffsetStore), recorded after the batch ---
+
+    async def read_offsets(self, keys: Sequence[str]) -> dict[str, int]:
+        commands = [_Command(["GET", key], key_slot(key.encode())) for key in keys]
+        replies = await self._guarded(self._write(commands))
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise TransientError(f"redis cluster: offset key {key}: {reply}")
+        try:
+            return parse_offsets(keys, replies)
+        except ValueError as exc:
+            raise TransientError(f"redis cluster: {exc}") from None
+
+    async def record_offsets(self, offsets: Mapping[str, int]) -> None:
+        commands = [
+            _Command(["EVAL", RECORD_SCRIPT, 1, key, offset], key_slot(key.encode()))
+            for key, offset in offsets.items()
+        ]
+        for key, reply in zip(offsets, await self._guarded(self._write(commands)), strict=True):
+            if isinstance(reply, Exception):
+                raise TransientError(f"redis cluster: recording offset {key}: {reply}")
+
+    async def publish_recording(
+        self, items: Sequence[Publish], offsets: Mapping[str, int]
+    ) -> tuple[list[Outcome], bool]:
+        keys = sorted({item.position.key for item in items if item.position is not None})
+        recorded = await self.read_offsets(keys) if keys else {}
+        outcomes: list[Outcome] = [Accepted.ALREADY_WRITTEN] * len(items)
+        fresh = [
+            index
+            for index, item in enumerate(items)
+            if item.position is None
+            or item.position.offset is None
+            or item.position.offset > recorded.get(item.position.key, -1)
+        ]
+        written = await self.publish_batch([items[index] for index in fresh])
+        for index, outcome in zip(fresh, written, strict=True):
+            outcomes[index] = outcome
+        return outcomes, False  # the caller records the offsets once everything was accepted
 
     async def _write(self, commands: list[_Command]) -> list[Any]:
         """Every command's final reply (redirections followed), in order."""

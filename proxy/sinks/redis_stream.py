@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ from proxy.errors import PermanentError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.routing import StreamTarget
 from proxy.sinks import Accepted, Outcome, Publish
+from proxy.sinks.redis_offsets import ALREADY_WRITTEN, parse_offsets, record_call, recording_call
+from proxy.sinks.redis_offsets import Entry as RecordingEntry
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +272,9 @@ def _script_call(target: StreamTarget, entries: list[Entry], window_ms: int) -> 
         ]
 
     # args[1], the script's sha, is filled in when the pipeline runs: it may need loading first.
-    return _Call(["EVALSHA", "", len(keys), *keys, *args], [i for i, _, _ in entries], outcomes)
+    return _Call(
+        ["EVALSHA", _DEDUPE_SCRIPT, len(keys), *keys, *args], [i for i, _, _ in entries], outcomes
+    )
 
 
 class RedisStreamSink:
@@ -297,7 +301,7 @@ class RedisStreamSink:
         else:
             self._client = standalone_client(settings)
         # What we learnt from the server on this connection; forgotten when it fails.
-        self._script_sha = ""
+        self._script_shas: dict[str, str] = {}  # script text -> its sha, once loaded
         self._server: _Server | None = None
 
     @property
@@ -340,12 +344,46 @@ class RedisStreamSink:
                 outcomes[index] = outcome
         return outcomes
 
+    # --- stream-queue offsets (OffsetStore) ---
+
+    async def read_offsets(self, keys: Sequence[str]) -> dict[str, int]:
+        values = await self._guarded(self._client.mget(list(keys)))
+        try:
+            return parse_offsets(keys, values)
+        except ValueError as exc:
+            raise TransientError(f"redis: {exc}") from None
+
+    async def record_offsets(self, offsets: Mapping[str, int]) -> None:
+        (reply,) = await self._execute([record_call(offsets)], transaction=False)
+        if isinstance(reply, Exception):
+            raise TransientError(f"redis: recording stream offsets: {reply}")
+
+    async def publish_recording(
+        self, items: Sequence[Publish], offsets: Mapping[str, int]
+    ) -> tuple[list[Outcome], bool]:
+        outcomes, entries, written = recording_entries(items)
+        # An item refused before the write still needs its dead letter: record nothing yet.
+        record = len(entries) == len(items)
+        call = recording_call(entries, offsets, self._window_ms, record=record)
+        (reply,) = await self._execute([call], transaction=False)
+        if isinstance(reply, Exception):  # the script did not run: an offset key holds junk, OOM
+            raise TransientError(f"redis: {reply}")
+        *results, done = reply
+        for (index, deduped), (target, _, dedupe, _), result in zip(
+            written, entries, results, strict=True
+        ):
+            outcomes[index] = _recording_outcome(result, target, deduped, dedupe is not None)
+        return outcomes, record and done == 1
+
     async def _execute(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
-        scripted = [command for command in commands if command[0] == "EVALSHA"]
-        if scripted and not self._script_sha:
-            self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
-        for command in scripted:
-            command[1] = self._script_sha
+        # An EVALSHA command carries its script's text until here, then the script's sha.
+        scripts = {
+            position: command[1]
+            for position, command in enumerate(commands)
+            if command[0] == "EVALSHA"
+        }
+        for position, script in scripts.items():
+            commands[position][1] = await self._sha(script)
         replies = await self._pipeline(commands, transaction=transaction)
         missing = [
             position
@@ -353,13 +391,19 @@ class RedisStreamSink:
             if isinstance(reply, redis_errors.NoScriptError)
         ]
         if missing:  # those calls did not run at all: load the script and run just them again
-            self._script_sha = await self._guarded(self._client.script_load(_DEDUPE_SCRIPT))
+            self._script_shas.clear()
             for position in missing:
-                commands[position][1] = self._script_sha
+                commands[position][1] = await self._sha(scripts[position])
             again = await self._pipeline([commands[p] for p in missing], transaction=False)
             for position, reply in zip(missing, again, strict=True):
                 replies[position] = reply
         return replies
+
+    async def _sha(self, script: str) -> str:
+        sha = self._script_shas.get(script)
+        if sha is None:
+            sha = self._script_shas[script] = await self._guarded(self._client.script_load(script))
+        return sha
 
     async def _pipeline(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
         if transaction:
@@ -425,7 +469,7 @@ class RedisStreamSink:
 
     def _forget_server(self) -> None:
         # The next connection may reach another server (restart, failover, upgrade).
-        self._script_sha = ""
+        self._script_shas.clear()
         self._server = None
 
 
@@ -457,6 +501,43 @@ def plan_batch(
         else:
             plain.append((index, target, [*_xadd_args(target), "*", *_flat(fields)]))
     return outcomes, plain, deduped
+
+
+def recording_entries(
+    items: Sequence[Publish],
+) -> tuple[list[Outcome], list[RecordingEntry], list[tuple[int, bool]]]:
+    """``items`` for the recording script: outcomes (refused ones filled in now), the entries to
+    send, and per entry its item's index and whether dedupe applies to it."""
+    outcomes: list[Outcome] = [None] * len(items)
+    encoded: dict[int, Fields | PermanentError] = {}
+    entries: list[RecordingEntry] = []
+    written: list[tuple[int, bool]] = []
+    for index, item in enumerate(items):
+        target = item.target
+        if not isinstance(target, StreamTarget):
+            raise TypeError(f"a Redis sink cannot publish to {target!r}")
+        key = id(item.message) if item.dead_letter is None else id(item)
+        fields = encoded.get(key)
+        if fields is None:
+            fields = encoded[key] = _encode_or_refuse(item)
+        if isinstance(fields, PermanentError):
+            outcomes[index] = fields
+            continue
+        deduped = target.dedupe and item.dead_letter is None
+        message_id = dedupe_id(item.message) if deduped else None
+        dedupe = None if message_id is None else dedupe_key(target.name, message_id)
+        entries.append((target, fields, dedupe, item.position))
+        written.append((index, deduped))
+    return outcomes, entries, written
+
+
+def _recording_outcome(result: Any, target: StreamTarget, deduped: bool, has_id: bool) -> Outcome:
+    if result == ALREADY_WRITTEN:
+        return Accepted.ALREADY_WRITTEN
+    if deduped:
+        return _script_outcome(result, target, has_id)
+    text = result.decode(errors="replace") if isinstance(result, bytes) else str(result)
+    return None if text[:1].isdigit() else _refused(target, text)
 
 
 def _encode_or_refuse(item: Publish) -> Fields | PermanentError:
