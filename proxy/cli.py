@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,14 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
-from proxy.config import Config, StreamDestination, config_path, display_url, load_config
+from proxy.config import (
+    Config,
+    StreamDestination,
+    amqp_vhost,
+    config_path,
+    display_url,
+    load_config,
+)
 from proxy.errors import ConfigError
 from proxy.message import Message
 from proxy.routing import Rejected, Router, StreamTarget, Target
@@ -186,16 +194,24 @@ def check(config: Config) -> int:
     print(f"amqp: {display_url(config.amqp.url)} (prefetch {config.amqp.prefetch})")
     if config.amqp_out is not None:
         print(f"amqp_out: {display_url(config.amqp_out.url)}")
-    if config.uses_streams():
+    if config.needs_redis():
         redis = config.redis
         nodes = redis.sentinels if redis.mode == "sentinel" else redis.urls()
         shown = ", ".join(display_url(url) for url in nodes)
         if redis.mode == "sentinel":
             shown = f"{redis.service_name} via {shown}"
         print(f"redis ({redis.mode}): {shown}")
+    vhost = amqp_vhost(config.amqp)
     for source in config.sources:
         bindings = ", ".join(f"{b.exchange}/{b.routing_key}" for b in source.bindings) or "none"
         print(f"source {source.queue} (declare={source.declare}; bindings: {bindings})")
+        if source.is_stream:
+            start = source.stream_offset
+            first = start.isoformat() if isinstance(start, datetime) else start
+            print(
+                f"  stream queue: offset kept in redis at {source.offset_key_in(vhost)}; "
+                f"without one, starts at {first}"
+            )
     for route in config.routes:
         matches = route.match.model_dump(exclude_defaults=True, by_alias=True)
         print(

@@ -61,6 +61,19 @@ class Metrics:
         self.dedupe_skipped = counter(
             "dedupe_skipped", "Messages written without de-duplication, by reason.", ("reason",)
         )
+        self.stream_skipped = counter(
+            "stream_deliveries_skipped",
+            "Stream-queue deliveries at or below the offset already written for their source "
+            "(a replay after a reconnect, or another worker reading the same stream): acked, "
+            "not written again.",
+            ("queue",),
+        )
+        self.stream_offset = Gauge(
+            f"{PREFIX}_stream_offset",
+            "The offset of the last stream-queue delivery written, per source queue.",
+            ("queue",),
+            registry=registry,
+        )
         self.batch_size = Histogram(
             f"{PREFIX}_batch_size",
             "Deliveries per flushed batch.",

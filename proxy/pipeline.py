@@ -9,7 +9,9 @@ dead-letter destination that refuses holds the batch like an outage.
 
 A held delivery whose channel closes meanwhile (the broker's consumer timeout, a lost connection)
 is dropped before the next retry: RabbitMQ has requeued it and delivers it again, so writing the
-held copy as well would write it twice.
+held copy as well would write it twice. Not one from a stream queue: RabbitMQ does not deliver
+it again (the consumer resumes after the recorded offset), so it is written all the same, once,
+by its offset.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from proxy.errors import AmqpError, PermanentError, RouteError, TransientError
 from proxy.message import Message
 from proxy.metrics import Metrics
 from proxy.routing import Rejected, Routed, Router, StreamTarget, Target, compile_destination
-from proxy.sinks import Accepted, Outcome, Publish, Sink
+from proxy.sinks import Accepted, OffsetStore, Outcome, Publish, Sink
 from proxy.state import HealthState
+from proxy.stream_offsets import StreamPosition, WrittenOffsets
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,14 @@ class Pipeline:
         dead_letter: DeadLetterDestination | None = None,
         drop_unrouted: bool = False,
         max_batch_bytes: int | None = None,
+        offsets: OffsetStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._router = router
+        # Stream-queue offsets: where they are kept, and what this worker recorded there.
+        self._offsets = offsets
+        self._written = WrittenOffsets()
         self._sinks = dict(sinks)
         self._dead_letter = dead_letter
         self._drop_unrouted = drop_unrouted
@@ -184,9 +191,25 @@ class Pipeline:
         metrics.batch_size.observe(len(live))
 
         publishes, failures = self._plan(live)
-        await self._publish_all(live, publishes, failures)
-
-        rejects = await self._dead_letter_all(live, failures)
+        offsets = self._new_offsets(live)
+        # Dead letters known before publishing go out with the batch: one round trip, and with
+        # a stream source the offsets can be recorded in the same atomic step.
+        dead_letters, rejects = self._dead_letters(live, failures)
+        for sink, items in dead_letters.items():
+            publishes.setdefault(sink, []).extend(items)
+        known = set(failures)
+        recorded, refused = await self._publish_all(live, publishes, failures, offsets)
+        late, late_rejects = self._dead_letters(
+            live, {i: f for i, f in failures.items() if i not in known}
+        )
+        for sink, items in late.items():
+            refused.setdefault(sink, []).extend(items)
+        await self._dead_letter_reliably(live, refused)
+        rejects |= late_rejects
+        if offsets:
+            if not recorded:
+                await self._record_reliably(offsets)
+            self._offsets_written(offsets, live)
         if not any(delivery.settleable for delivery in live):
             return  # all held past their channel, dropped from the retries: nothing to settle
         self._settle(live, rejects)
@@ -201,8 +224,13 @@ class Pipeline:
         """Route every delivery: what to publish where, and what already failed."""
         failures: dict[int, _Failure] = {}
         publishes: dict[Sink, list[tuple[int, Publish]]] = {}
+        seen: set[StreamPosition] = set()
         for index, delivery in enumerate(live):
             message = delivery.message
+            position = delivery.position
+            if position is not None and self._written.replayed(position, seen):
+                self._metrics.stream_skipped.labels(queue=message.queue).inc()
+                continue  # acked with the batch (flow control only), not written again
             if delivery.defect is not None:
                 failures[index] = _Failure("rejected", delivery.defect, None)
                 continue
@@ -210,7 +238,8 @@ class Pipeline:
             if isinstance(decision, Routed):
                 for target in decision.targets:
                     sink = self._sinks[type(target)]
-                    publishes.setdefault(sink, []).append((index, Publish(message, target)))
+                    item = Publish(message, target, position=position)
+                    publishes.setdefault(sink, []).append((index, item))
                 continue
             if decision.reason == "unrouted":
                 self._metrics.messages_unrouted.labels(queue=message.queue).inc()
@@ -219,30 +248,62 @@ class Pipeline:
             failures[index] = _Failure(decision.reason, decision.detail, decision.route)
         return publishes, failures
 
+    def _new_offsets(self, live: Sequence[Delivery]) -> dict[str, int]:
+        """Per stream source in the batch, its last offset, where that is beyond the recorded.
+
+        Every stream delivery of the batch is written (or dead-lettered, or dropped by design)
+        before these are recorded: RabbitMQ does not deliver a stream's messages again, the
+        consumer resumes after the recorded offset, so one left out would be lost.
+        """
+        return self._written.beyond(d.position for d in live)
+
     async def _publish_all(
         self,
         live: Sequence[Delivery],
         publishes: Mapping[Sink, list[tuple[int, Publish]]],
         failures: dict[int, _Failure],
-    ) -> None:
-        """Publish to every sink at once; a refused item marks its delivery as failed."""
-        results = await self._publish_to_each(live, publishes)
+        offsets: Mapping[str, int],
+    ) -> tuple[bool, dict[Sink, list[tuple[int, Publish]]]]:
+        """Publish to every sink at once; a refused item marks its delivery as failed.
+
+        Returns whether ``offsets`` were recorded with the writes (all of them went to the
+        offset store, which recorded them atomically), and the refused dead letters.
+        """
+        store = self._offsets
+        atomic = bool(offsets) and bool(publishes) and all(sink is store for sink in publishes)
+        results, recorded = await self._publish_to_each(
+            live, publishes, offsets if atomic else None
+        )
+        accepted: list[tuple[int, Publish, Outcome]] = []
+        refused: dict[Sink, list[tuple[int, Publish]]] = {}
+        for sink, (items, outcomes) in zip(publishes, results, strict=True):
+            for (index, item), outcome in zip(items, outcomes, strict=True):
+                if not isinstance(outcome, PermanentError):
+                    if item.dead_letter is None:
+                        accepted.append((index, item, outcome))
+                elif item.dead_letter is not None:
+                    refused.setdefault(sink, []).append((index, item))
+                elif index not in failures:
+                    failures[index] = _Failure(
+                        outcome.reason,
+                        f"{_describe(item.target)}: {outcome.detail}",
+                        item.target.route,
+                    )
+        self._count_accepted(accepted)
+        return recorded, refused
+
+    def _count_accepted(self, accepted: Sequence[tuple[int, Publish, Outcome]]) -> None:
         published: Counter[tuple[str, str]] = Counter()
         notes: Counter[Accepted] = Counter()
-        for items, outcomes in results:
-            for (index, item), outcome in zip(items, outcomes, strict=True):
-                if isinstance(outcome, PermanentError):
-                    if index not in failures:
-                        failures[index] = _Failure(
-                            outcome.reason,
-                            f"{_describe(item.target)}: {outcome.detail}",
-                            item.target.route,
-                        )
-                    continue
-                if outcome is not None:
-                    notes[outcome] += 1
-                if outcome is not Accepted.DUPLICATE:  # a duplicate is accepted, not written
-                    published[(item.target.route, item.target.template)] += 1
+        already: dict[int, str] = {}  # per delivery, not per destination
+        for index, item, outcome in accepted:
+            if outcome is Accepted.ALREADY_WRITTEN:
+                already[index] = item.message.queue
+                continue
+            if isinstance(outcome, Accepted):
+                notes[outcome] += 1
+            if outcome is not Accepted.DUPLICATE:  # a duplicate is accepted, not written
+                published[(item.target.route, item.target.template)] += 1
         for (route, template), count in published.items():
             self._metrics.messages_published.labels(route=route, destination=template).inc(count)
         if notes[Accepted.DUPLICATE]:
@@ -251,20 +312,26 @@ class Pipeline:
             self._metrics.dedupe_skipped.labels(reason=Accepted.NO_MESSAGE_ID.value).inc(
                 notes[Accepted.NO_MESSAGE_ID]
             )
+        for queue, count in Counter(already.values()).items():
+            self._metrics.stream_skipped.labels(queue=queue).inc(count)
 
     async def _publish_to_each(
-        self, live: Sequence[Delivery], publishes: Mapping[Sink, list[tuple[int, Publish]]]
-    ) -> list[Published]:
-        """Every sink's published items and outcomes, in the mapping's order; sinks are written
-        concurrently."""
+        self,
+        live: Sequence[Delivery],
+        publishes: Mapping[Sink, list[tuple[int, Publish]]],
+        offsets: Mapping[str, int] | None = None,
+    ) -> tuple[list[Published], bool]:
+        """Every sink's published items and outcomes, in the mapping's order, and whether
+        ``offsets`` were recorded with them (only when every item goes to the offset store).
+        Sinks are written concurrently."""
         if len(publishes) == 1:  # no Task: the write goes out before the loop reads more deliveries
             ((sink, items),) = publishes.items()
-            return [await self._publish_reliably(sink, items, live)]
-        return list(
-            await asyncio.gather(
-                *(self._publish_reliably(sink, items, live) for sink, items in publishes.items())
-            )
+            published, recorded = await self._publish_reliably(sink, items, live, offsets)
+            return [published], recorded
+        results = await asyncio.gather(
+            *(self._publish_reliably(sink, items, live) for sink, items in publishes.items())
         )
+        return [published for published, _ in results], False
 
     def _route(self, message: Message) -> Routed | Rejected:
         try:
@@ -276,17 +343,27 @@ class Pipeline:
             return Rejected("plugin-error", f"routing raised {type(exc).__name__}: {exc}")
 
     async def _publish_reliably(
-        self, sink: Sink, items: list[tuple[int, Publish]], live: Sequence[Delivery]
-    ) -> Published:
+        self,
+        sink: Sink,
+        items: list[tuple[int, Publish]],
+        live: Sequence[Delivery],
+        offsets: Mapping[str, int] | None = None,
+    ) -> tuple[Published, bool]:
         """Publish until the sink answers; transient failures are retried with backoff.
 
         Returns what was published (items whose delivery's channel closed while the batch was
-        held are left out: RabbitMQ delivers them again) and the sink's outcome for each.
+        held are left out: RabbitMQ delivers them again) and the sink's outcome for each; and,
+        with ``offsets`` (the sink is then the offset store), whether it recorded them too.
         """
         backoff = Backoff()
+        store = self._offsets
         while True:
             try:
-                outcomes = await sink.publish_batch([item for _, item in items])
+                batch = [item for _, item in items]
+                if offsets is not None and store is not None and sink is store:
+                    outcomes, recorded = await store.publish_recording(batch, offsets)
+                else:
+                    outcomes, recorded = await sink.publish_batch(batch), False
             except TransientError as exc:
                 for template in {item.target.template for _, item in items}:
                     self._metrics.publish_errors.labels(
@@ -303,10 +380,10 @@ class Pipeline:
                     backoff.attempts,
                     delay,
                 )
-                await self._back_off(sink.broker, delay, partial(_any_settleable, items, live))
+                await self._back_off(sink.broker, delay, partial(_any_held, items, live))
                 items = _still_held(sink.broker, items, live)
                 if not items:
-                    return [], []
+                    return ([], []), False
                 continue
             if self._health.set_broker(sink.broker, True):
                 self._metrics.broker_up.labels(broker=sink.broker).set(1)
@@ -316,7 +393,37 @@ class Pipeline:
                     self._metrics.publish_errors.labels(
                         destination=item.target.template, error=outcome.reason
                     ).inc()
-            return items, outcomes
+            return (items, outcomes), recorded
+
+    async def _record_reliably(self, offsets: Mapping[str, int]) -> None:
+        """Record stream offsets on their own, after every destination accepted the batch."""
+        store = self._offsets
+        if store is None:
+            return
+        backoff = Backoff()
+        while True:
+            try:
+                await store.record_offsets(offsets)
+                return
+            except TransientError as exc:
+                broker = store.broker
+                if self._health.set_broker(broker, False, str(exc)):
+                    self._metrics.broker_up.labels(broker=broker).set(0)
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s: stream offsets not recorded: %s; batch held, retry %d in %.1fs",
+                    broker,
+                    exc,
+                    backoff.attempts,
+                    delay,
+                )
+                await self._back_off(broker, delay, lambda: True)
+
+    def _offsets_written(self, offsets: Mapping[str, int], live: Sequence[Delivery]) -> None:
+        self._written.recorded(offsets)
+        queues = {d.position.key: d.message.queue for d in live if d.position is not None}
+        for key, offset in offsets.items():
+            self._metrics.stream_offset.labels(queue=queues[key]).set(offset)
 
     async def _back_off(self, broker: str, delay: float, held: Callable[[], bool]) -> None:
         """Wait ``delay``, or less once the sink watcher has seen the broker answer again, or
@@ -333,19 +440,20 @@ class Pipeline:
             if (state is not None and state.up) or not held():
                 return
 
-    async def _dead_letter_all(
+    def _dead_letters(
         self, live: Sequence[Delivery], failures: Mapping[int, _Failure]
-    ) -> set[int]:
-        """Dead-letter every failed delivery; returns the indexes to reject instead of ack."""
+    ) -> tuple[dict[Sink, list[tuple[int, Publish]]], set[int]]:
+        """The dead letter of every failed delivery, and the indexes to reject instead of ack."""
         if not failures:
-            return set()
+            return {}, set()
         now_ms = int(self._wall_clock() * 1000)
         rejects: set[int] = set()
         to_publish: dict[Sink, list[tuple[int, Publish]]] = {}
         for index, failure in failures.items():
-            if not live[index].settleable:  # held past its channel: it comes back, handled then
+            delivery = live[index]
+            if not _held(delivery):  # held past its channel: it comes back, handled then
                 continue
-            message = live[index].message
+            message = delivery.message
             self._metrics.messages_dead_lettered.labels(reason=failure.reason).inc()
             log.warning(
                 "dead-lettering message %s from queue %s: %s: %s",
@@ -355,19 +463,35 @@ class Pipeline:
                 failure.detail,
             )
             if self._dead_letter is None:
-                rejects.add(index)  # the queue's own dead-letter exchange, if any, takes it
+                self._cannot_dead_letter(delivery, index, rejects, "there is no [dead_letter]")
                 continue
             info = DeadLetterInfo(failure.reason, failure.detail, failure.route, now_ms)
             try:
                 target = self._dead_letter.target(message)
             except RouteError as exc:
                 log.error("dead-letter destination cannot be named for this message: %s", exc)
-                rejects.add(index)
+                self._cannot_dead_letter(delivery, index, rejects, "its name has no value")
                 continue
             sink = self._sinks[type(target)]
-            to_publish.setdefault(sink, []).append((index, Publish(message, target, info)))
-        await self._dead_letter_reliably(live, to_publish)
-        return rejects
+            item = Publish(message, target, info, delivery.position)
+            to_publish.setdefault(sink, []).append((index, item))
+        return to_publish, rejects
+
+    @staticmethod
+    def _cannot_dead_letter(delivery: Delivery, index: int, rejects: set[int], why: str) -> None:
+        position = delivery.position
+        if position is None:
+            rejects.add(index)  # the queue's own dead-letter exchange, if any, takes it
+            return
+        # A stream cannot reject (RabbitMQ closes the connection): the message stays in the
+        # stream, where moving the source's offset back reads it again.
+        log.error(
+            "stream queue %s: message at offset %s not written and not dead-lettered (%s); "
+            "it stays in the stream",
+            delivery.message.queue,
+            "unknown" if position.offset is None else position.offset,
+            why,
+        )
 
     async def _dead_letter_reliably(
         self, live: Sequence[Delivery], to_publish: dict[Sink, list[tuple[int, Publish]]]
@@ -381,7 +505,7 @@ class Pipeline:
         """
         backoff = Backoff(cap=DEAD_LETTER_RETRY_CAP_S)
         while to_publish:
-            results = await self._publish_to_each(live, to_publish)
+            results, _ = await self._publish_to_each(live, to_publish)
             refused: dict[Sink, list[tuple[int, Publish]]] = {}
             cause = ""
             for sink, (items, outcomes) in zip(to_publish, results, strict=True):
@@ -443,15 +567,21 @@ class Pipeline:
 Published = tuple[list[tuple[int, Publish]], list[Outcome]]
 
 
-def _any_settleable(items: Sequence[tuple[int, Publish]], live: Sequence[Delivery]) -> bool:
-    return any(live[index].settleable for index, _ in items)
+def _held(delivery: Delivery) -> bool:
+    """Still to be written: its channel is open, or it is from a stream queue, which RabbitMQ
+    does not deliver again (it is written once all the same, by its offset)."""
+    return delivery.settleable or delivery.position is not None
+
+
+def _any_held(items: Sequence[tuple[int, Publish]], live: Sequence[Delivery]) -> bool:
+    return any(_held(live[index]) for index, _ in items)
 
 
 def _still_held(
     broker: str, items: list[tuple[int, Publish]], live: Sequence[Delivery]
 ) -> list[tuple[int, Publish]]:
-    """The items still worth retrying: those whose delivery's channel is still open."""
-    kept = [(index, item) for index, item in items if live[index].settleable]
+    """The items still worth retrying: those whose delivery is still ``_held``."""
+    kept = [(index, item) for index, item in items if _held(live[index])]
     if len(kept) < len(items):
         log.warning(
             "%s: %d held messages dropped from the retry: their channel closed, so RabbitMQ "

@@ -16,7 +16,7 @@ from proxy.errors import ConfigError, TransientError
 from proxy.metrics import Metrics
 from proxy.pipeline import DeadLetterDestination, Pipeline
 from proxy.routing import ExchangeTarget, Router, StreamTarget, Target
-from proxy.sinks import Sink
+from proxy.sinks import OffsetStore, Sink
 from proxy.state import HealthState
 from proxy.timeouts import bounded
 
@@ -73,6 +73,16 @@ def check_role(config: Config, role: str) -> None:
                     f"the {role} role cannot dead-letter to {_with_article(kind)}",
                 )
             )
+    if "stream" not in kinds:
+        problems += [
+            (
+                f"sources[{index}]",
+                f"queue {source.queue!r} is a stream queue, whose offsets are kept in Redis, "
+                f"which the {role} role has not: consume it with `message-proxy run`",
+            )
+            for index, source in enumerate(config.sources)
+            if source.is_stream
+        ]
     if problems:
         raise ConfigError.of(problems)
 
@@ -80,14 +90,14 @@ def check_role(config: Config, role: str) -> None:
 def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
     check_role(config, role)
     sinks: dict[type[Target], Sink] = {}
-    if config.uses_streams():
+    if config.needs_redis():
         try:
             from proxy.sinks.redis_stream import RedisStreamSink  # not in the relay's image
         except ImportError as exc:
+            what = "stream destinations" if config.uses_streams() else "stream-queue sources"
             raise ConfigError(
                 _first_stream_key(config),
-                f"stream destinations need the redis package ({exc}); "
-                "install message-proxy[redis]",
+                f"{what} need the redis package ({exc}); install message-proxy[redis]",
             ) from None
 
         if config.redis.mode == "cluster":
@@ -112,7 +122,10 @@ def _first_stream_key(config: Config) -> str:
         for position, destination in enumerate(route.to):
             if isinstance(destination, StreamDestination):
                 return f"routes[{index}].to[{position}]"
-    return "dead_letter.stream"
+    if config.dead_letter is not None and config.dead_letter.stream is not None:
+        return "dead_letter.stream"
+    streams = [index for index, source in enumerate(config.sources) if source.is_stream]
+    return f"sources[{streams[0]}]" if streams else "dead_letter.stream"
 
 
 class Worker:
@@ -131,6 +144,9 @@ class Worker:
         self.metrics = metrics
         self.health = health
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config, role)
+        offsets = self.sinks.get(StreamTarget) if config.stream_sources() else None
+        if offsets is not None and not isinstance(offsets, OffsetStore):
+            raise TypeError(f"stream sources need an offset store, not {offsets!r}")
         self.pipeline = Pipeline(
             Router.from_config(config),
             self.sinks,
@@ -140,6 +156,7 @@ class Worker:
             dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
             drop_unrouted=config.unrouted == "drop",
             max_batch_bytes=config.amqp.max_inflight_bytes // BATCH_SHARE_OF_INFLIGHT,
+            offsets=offsets,
             clock=clock,
         )
         self.source = AmqpSource(
@@ -150,6 +167,7 @@ class Worker:
             metrics=metrics,
             connection_name=f"message-proxy {role}",
             clock=clock,
+            offsets=offsets,
         )
         self.stop_requested = asyncio.Event()
 

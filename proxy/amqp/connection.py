@@ -280,12 +280,15 @@ class AmqpConnection(asyncio.Protocol):
         """Put the channel in confirm mode: every publish from now on is acked or nacked."""
         await self._call(CHANNEL, spec.Confirm.Select(), spec.Confirm.SelectOk)
 
-    async def consume(self, queue: str, consumer: Consumer) -> str:
+    async def consume(
+        self, queue: str, consumer: Consumer, *, arguments: dict[str, Any] | None = None
+    ) -> str:
         """Start consuming ``queue`` (acks required); returns the consumer tag."""
         # Registered by the reader as consume-ok arrives: deliveries may follow in the same read.
         self._next_consumer = consumer
+        method = spec.Basic.Consume(queue=queue, arguments=arguments)
         try:
-            ok = await self._call(CHANNEL, spec.Basic.Consume(queue=queue), spec.Basic.ConsumeOk)
+            ok = await self._call(CHANNEL, method, spec.Basic.ConsumeOk)
         finally:
             self._next_consumer = None
         return ok.consumer_tag or ""

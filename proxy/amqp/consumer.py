@@ -9,6 +9,10 @@ re-created on its own, on the same connection and channel, with backoff while it
 declared or found; the other consumers and every delivery held unacked are left alone. A
 reconnect would give all of those back, and on a quorum queue with ``x-delivery-limit`` every
 return counts towards dead-lettering or dropping the message.
+
+A stream queue is consumed from right after the offset its source last wrote, read from the
+offset store whenever its consumer starts (``stream_offsets``); each of its deliveries carries its
+position. While the store cannot be read, that source alone waits, retried with backoff.
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ from typing import Any, Protocol
 from proxy.amqp.connection import AmqpConnection, Consumer, Endpoint
 from proxy.backoff import Backoff
 from proxy.config import AmqpSettings, Source, display_url
-from proxy.errors import AmqpError
+from proxy.errors import AmqpError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.metrics import Metrics
+from proxy.sinks import OffsetStore
 from proxy.state import HealthState
+from proxy.stream_offsets import (
+    PositionCounter,
+    StreamPosition,
+    consume_arguments,
+    describe_start,
+)
 from proxy.timeouts import bounded
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,7 @@ class Delivery:
     channel: Settler
     received_at: float  # monotonic
     defect: str | None = None  # why the message cannot be handled as delivered: dead-letter it
+    position: StreamPosition | None = None  # from a stream queue: never rejected
 
     @property
     def settleable(self) -> bool:
@@ -81,7 +93,11 @@ class AmqpSource:
         metrics: Metrics,
         connection_name: str = "message-proxy",
         clock: Callable[[], float] = time.monotonic,
+        offsets: OffsetStore | None = None,
     ) -> None:
+        if offsets is None and any(source.is_stream for source in sources):
+            raise ValueError("stream-queue sources need an offset store")
+        self._offsets = offsets
         self._settings = settings
         self._sources = tuple(sources)
         self._deliver = deliver
@@ -174,7 +190,7 @@ class AmqpSource:
             try:
                 await self._declare(connection, source)
                 self._consumer_tags[source.queue] = await self._consume(connection, source)
-            except AmqpError as exc:
+            except (AmqpError, TransientError) as exc:  # transient: a stream's offset unread
                 if connection.is_closed:
                     raise  # the consuming channel is gone: the run loop reconnects
                 retry = self._retries.setdefault(source.queue, _Retry())
@@ -204,8 +220,53 @@ class AmqpSource:
             await connection.bind(source.queue, binding.exchange, binding.routing_key, side=True)
 
     async def _consume(self, connection: AmqpConnection, source: Source) -> str:
-        """Start consuming ``source``; returns the consumer tag."""
-        return await connection.consume(source.queue, self._consumer_for(source.queue, connection))
+        """Start consuming ``source``; returns the consumer tag. A stream queue starts right
+        after its recorded offset (raises ``TransientError`` while the store cannot be read)."""
+        if not source.is_stream or self._offsets is None:
+            return await connection.consume(
+                source.queue, self._consumer_for(source.queue, connection)
+            )
+        key = source.offset_key_in(self._endpoint.vhost)
+        recorded = (await self._offsets.read_offsets([key])).get(key)
+        start = source.stream_offset
+        log.info("amqp: stream queue %s: %s", source.queue, describe_start(start, recorded))
+
+        def on_gap(first: int, last: int) -> None:
+            log.error(
+                "stream queue %s: offsets %d to %d are no longer in the stream (its retention "
+                "removed them before the worker read them): %d messages never written",
+                source.queue,
+                first,
+                last,
+                last - first + 1,
+            )
+
+        positions = PositionCounter(key, recorded, on_gap)
+        return await connection.consume(
+            source.queue,
+            self._stream_consumer_for(source.queue, connection, positions),
+            arguments=consume_arguments(start, recorded),
+        )
+
+    def _stream_consumer_for(
+        self, queue: str, connection: AmqpConnection, positions: PositionCounter
+    ) -> Consumer:
+        deliver, clock, message_of, position_of = (
+            self._deliver,
+            self._clock,
+            Message.of,
+            positions.next,
+        )
+
+        def on_message(values: dict[str, Any], tag: int, defect: str | None) -> None:
+            values["queue"] = queue
+            headers = values["headers"]
+            if headers is None:
+                values["headers"] = EMPTY_HEADERS
+            position = position_of(headers)
+            deliver(Delivery(message_of(values), tag, connection, clock(), defect, position))
+
+        return on_message
 
     def _consumed(self, connection: AmqpConnection) -> int:
         live = connection.consumer_tags
