@@ -255,6 +255,8 @@ class Pipeline:
         before these are recorded: RabbitMQ does not deliver a stream's messages again, the
         consumer resumes after the recorded offset, so one left out would be lost.
         """
+        if self._offsets is None:  # no stream-queue source
+            return {}
         return self._written.beyond(d.position for d in live)
 
     async def _publish_all(
