@@ -208,9 +208,9 @@ def _check_cluster_urls(urls: tuple[SecretStr, ...]) -> None:
 
 
 class RedisSettings(Frozen):
-    """The Redis that stream destinations (and a stream dead-letter destination) write to: one
-    server, a Redis Cluster or the master behind Sentinel. Only read when some destination is a
-    stream."""
+    """The Redis that stream destinations (and a stream dead-letter destination) write to, and
+    where stream-queue sources keep their offsets: one server, a Redis Cluster or the master
+    behind Sentinel. Only read when some destination is a stream or some source a stream queue."""
 
     mode: Literal["standalone", "cluster", "sentinel"] = Field(
         "standalone",
@@ -977,7 +977,10 @@ class Config(Frozen):
     )
     redis: RedisSettings = Field(
         RedisSettings(),
-        description="The Redis that stream destinations write to.",
+        description=(
+            "The Redis that stream destinations write to and stream-queue sources keep their "
+            "offsets in."
+        ),
         examples=[{"url": "redis://:secret@redis.internal:6379/0", "timeout": 2}],
     )
     health: HealthSettings = Field(
