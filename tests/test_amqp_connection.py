@@ -18,7 +18,8 @@ from pamqp import exceptions as pamqp_exceptions
 from pamqp import frame
 
 from proxy.amqp import frames
-from proxy.amqp.connection import AmqpConnection, Endpoint
+from proxy.amqp.connection import AmqpConnection
+from proxy.amqp.endpoint import Endpoint
 from proxy.errors import AmqpError
 from tests.helpers import (
     AMQP_URL,

@@ -16,7 +16,7 @@ from pamqp.header import ContentHeader
 from pydantic import SecretStr
 
 from proxy.amqp import frames as wire
-from proxy.amqp.connection import Endpoint
+from proxy.amqp.endpoint import Endpoint
 from proxy.amqp.publisher import (
     ACCEPTED,
     NACKED,

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from proxy.amqp.connection import AmqpConnection, Endpoint
+from proxy.amqp.connection import AmqpConnection
+from proxy.amqp.endpoint import Endpoint
 from proxy.config import RedisSettings
 from proxy.errors import AmqpError, TransientError
 from proxy.message import Message

@@ -1,4 +1,4 @@
-"""A small AMQP 0-9-1 client: one connection, one channel, no tasks.
+"""A small AMQP 0-9-1 client: one connection, one working channel, no tasks.
 
 The source's cost per message is the client library's, not ours: aiormq reads every frame
 through a stream reader, a lock and a queue, decodes it with pamqp's general decoder and starts
@@ -13,7 +13,12 @@ consumer leaves unset: ``on_confirm`` (publisher confirms), ``on_return`` (a man
 given back, assembled from its frames like a delivery) and ``on_blocked`` (``connection.blocked``
 and ``connection.unblocked``, also kept in ``blocked``), and writes its frames with ``write``.
 
-What it does not do: more than one channel, and reconnecting (its owner's loop does).
+Beside the working channel, declarations may go on a side channel (``side=True``), where a
+refusal closes that channel alone. With ``max_inflight_bytes`` the connection stops reading its
+socket while the bodies delivered and not settled fill it (``flow``). When it ends the
+connection itself (the working channel closed by the broker, a broken frame) it says so with
+``connection.close`` and waits briefly for close-ok. Where to connect and the socket's options
+are ``endpoint``'s. It does not reconnect: its owner's loop does.
 """
 
 from __future__ import annotations
@@ -21,18 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import commands as spec
 from pamqp.base import Frame
 
 from proxy.amqp import frames as wire
+from proxy.amqp.endpoint import Endpoint, keep_alive
 from proxy.amqp.flow import HeldBodies
 from proxy.errors import AmqpError, ChannelClosed
 
@@ -56,51 +58,6 @@ ConfirmHandler = Callable[[bool, int, bool], None]
 ReplyT = TypeVar("ReplyT", bound=Frame)
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where and how to connect, from an ``amqp://`` or ``amqps://`` URL (aiormq's query keys:
-    ``cafile``, ``capath``, ``certfile``, ``keyfile``, ``no_verify_ssl``; and ``server_name``, the
-    name the broker's certificate must carry, sent as SNI, when it is not the host connected to)."""
-
-    host: str
-    port: int
-    vhost: str
-    username: str
-    password: str = field(repr=False)
-    heartbeat: int
-    tls: ssl.SSLContext | None = field(default=None, repr=False)
-    server_name: str | None = None
-
-    @classmethod
-    def from_url(cls, url: str, *, heartbeat: int) -> Endpoint:
-        parts = urlsplit(url)
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        secure = parts.scheme == "amqps"
-        path = unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
-        return cls(
-            host=parts.hostname or "localhost",
-            port=parts.port or (5671 if secure else 5672),
-            vhost=path,
-            username=unquote(parts.username or "guest"),
-            password=unquote(parts.password or "guest"),
-            heartbeat=int(query.get("heartbeat", heartbeat)),
-            tls=_tls_context(query) if secure else None,
-            server_name=query.get("server_name") or None,
-        )
-
-
-def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=query.get("cafile"), capath=query.get("capath")
-    )
-    if query.get("certfile"):
-        context.load_cert_chain(query["certfile"], query.get("keyfile"))
-    if query.get("no_verify_ssl", "0") != "0":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class _Delivery:
     """The delivery being assembled from its method, header and body frames."""
 
@@ -117,7 +74,7 @@ class _Delivery:
 
 
 class AmqpConnection(asyncio.Protocol):
-    """One connection with one channel, for consuming. Open it with ``AmqpConnection.open``."""
+    """One connection and its working channel. Open it with ``AmqpConnection.open``."""
 
     def __init__(
         self, endpoint: Endpoint, connection_name: str, *, max_inflight_bytes: int | None = None
@@ -179,7 +136,7 @@ class AmqpConnection(asyncio.Protocol):
                 ssl=endpoint.tls,
                 server_hostname=(endpoint.server_name or endpoint.host) if endpoint.tls else None,
             )
-            _keep_alive(transport.get_extra_info("socket"), endpoint.heartbeat)
+            keep_alive(transport.get_extra_info("socket"), endpoint.heartbeat)
             await connection._handshake()
         except BaseException:
             connection.abort(AmqpError("not opened"))
@@ -626,23 +583,6 @@ class AmqpConnection(asyncio.Protocol):
                 return
             if now - self._last_sent >= interval:
                 self._send_if_open(wire.HEARTBEAT)
-
-
-def _keep_alive(sock: socket.socket, heartbeat: int) -> None:
-    """TCP keepalive on the broker socket: probes after ``heartbeat`` idle seconds, three of them.
-
-    Heartbeats find a silent broker while this side sends; keepalive also covers a socket this
-    side does not write to or read from (reading paused, a hung handshake).
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    interval = max(1, heartbeat)
-    for option, value in (
-        ("TCP_KEEPIDLE", interval),
-        ("TCP_KEEPINTVL", interval),
-        ("TCP_KEEPCNT", MISSED_HEARTBEATS),
-    ):
-        if hasattr(socket, option):  # Linux; macOS names some differently
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _short(text: str) -> str:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.amqp.connection import AmqpConnection, Consumer, Endpoint
+from proxy.amqp.connection import AmqpConnection, Consumer
+from proxy.amqp.endpoint import Endpoint
 from proxy.backoff import Backoff
 from proxy.config import AmqpSettings, Source, display_url
 from proxy.errors import AmqpError, TransientError

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.amqp import frames as wire
-from proxy.amqp.connection import CHANNEL, AmqpConnection, Endpoint
+from proxy.amqp.connection import CHANNEL, AmqpConnection
+from proxy.amqp.endpoint import Endpoint
 from proxy.errors import AmqpError, ChannelClosed
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from proxy.amqp.connection import Endpoint
+from proxy.amqp.endpoint import Endpoint
 from proxy.amqp.frames import content_header, passed_on_header
 from proxy.amqp.publisher import Nacked, Outgoing, Publisher, Refused, Result, Returned
 from proxy.amqp.tables import field_value, integer, short_string
