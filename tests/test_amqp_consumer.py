@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import tomllib
 from asyncio.subprocess import PIPE
 from collections import Counter
@@ -438,3 +439,60 @@ async def peak_rss(
         peak = max(peak, process.memory_info().rss)
         await asyncio.sleep(0.05)
     return peak
+
+
+async def test_a_missing_queue_waits_for_reading_to_resume_without_spinning(
+    metrics: Metrics, proxies: dict[str, TcpProxy]
+) -> None:
+    """While reading is paused no request can be answered: the watcher does not retry a missing
+    queue then, and does not spin either; once a written batch lets reading resume, it does."""
+    held, missing, stream = unique("held"), unique("missing"), unique("s")
+    text = f"""
+[amqp]
+max_inflight_bytes = {MIB}
+
+[redis]
+url = "{redis_url_via(proxies["redis"].port)}"
+timeout = 1
+
+[[routes]]
+name = "all"
+to = [ {{ stream = "{stream}", maxlen = 10 }} ]
+
+[[sources]]
+queue = "{held}"
+
+[[sources]]
+queue = "{missing}"
+declare = false
+"""
+    config = parse_config(tomllib.loads(text), environ={})
+    worker = Worker(config, role="all", metrics=metrics, health=HealthState())
+    await declare_topology(missing)
+    try:
+        async with running(worker, consumers=2):
+            await delete_queues(missing)  # cancelled, and retried in vain from now on
+            await async_wait_for(lambda: worker.health.snapshot().consumers == 1, what="1 of 2")
+            proxies["redis"].cut()
+            await publish(numbered_bodies(8, 512 * 1024), routing_key=held)
+            connection = worker.source._connection
+            assert connection is not None
+            await async_wait_for(lambda: connection.reading_paused, what="reading paused")
+            cpu_before, wall_before = time.process_time(), time.monotonic()
+            await asyncio.sleep(2.0)  # past the next retries' due times
+            busy = (time.process_time() - cpu_before) / (time.monotonic() - wall_before)
+            assert busy < 0.3, f"the event loop spun at {busy:.0%} of a core while paused"
+            await declare_topology(missing)
+            proxies["redis"].heal()
+            await async_wait_for(lambda: acked(metrics, held) == 8, within=15, what="acked")
+            await async_wait_for(
+                lambda: worker.health.snapshot().consumers == 2, within=15, what="2 of 2"
+            )
+        assert reconnects(metrics) == 0
+    finally:
+        await delete_queues(held, missing)
+        await delete_keys(stream)
+
+
+def numbered_bodies(count: int, size: int) -> list[aio_pika.Message]:
+    return [aio_pika.Message(b"." * size, message_id=f"b-{i}") for i in range(count)]

@@ -296,12 +296,14 @@ class AmqpSource:
             if connection is not None and self._consumed(connection) < len(self._sources):
                 await self._restart_consumers(connection)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._until_next_look()):
+                async with asyncio.timeout(self._until_next_look(connection)):
                     await self._news.wait()  # a cancel, the connection closing, or stop
             self._news.clear()
         return ""
 
-    def _until_next_look(self) -> float:
+    def _until_next_look(self, connection: AmqpConnection | None) -> float:
+        if connection is None or connection.reading_paused:  # no retry before reading resumes
+            return WATCH_INTERVAL_S
         due = min((retry.due for retry in self._retries.values()), default=math.inf)
         return max(0.0, min(WATCH_INTERVAL_S, due - self._clock()))
 
