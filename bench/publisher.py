@@ -224,8 +224,12 @@ async def fill(
     lanes: int = 2,
     chunk: int = 500,
     window: int = 5_000,
+    first: int = 0,
 ) -> None:
-    """Publish ``count`` persistent messages over ``lanes`` connections, confirmed."""
+    """Publish ``count`` persistent messages over ``lanes`` connections, confirmed.
+
+    Their message ids run from ``first``: a second fill of the same queue takes new ids.
+    """
     template = Template(routing_key, exchange=exchange)
 
     async def lane(first: int, last: int) -> None:
@@ -241,5 +245,9 @@ async def fill(
 
     share = -(-count // lanes)
     await asyncio.gather(
-        *(lane(i * share, min(count, (i + 1) * share)) for i in range(lanes) if i * share < count)
+        *(
+            lane(first + i * share, first + min(count, (i + 1) * share))
+            for i in range(lanes)
+            if i * share < count
+        )
     )
