@@ -20,21 +20,15 @@ from bench.procs import Proc, broker_cpu_seconds, wait_ready
 from bench.publisher import RawPublisher
 
 STREAM_MAXLEN = 10_000_000  # what a user sets so the stream cannot grow without bound
-_next_port = [18_500]
 
 
 def free_port() -> int:
+    """A port the kernel just handed out, so two bench processes never pick the same one."""
     import socket
 
-    for _ in range(200):
-        _next_port[0] += 1
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", _next_port[0]))
-            except OSError:
-                continue
-            return _next_port[0]
-    raise RuntimeError("no free port")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # --- peers -------------------------------------------------------------------------------------
