@@ -1,4 +1,8 @@
-"""``uv run python -m bench [--quick] [--runs 3]``: run the workloads, print, write the report."""
+"""``uv run python -m bench [--quick] [--runs 5]``: run the workloads, print, write the report.
+
+``uv run python -m bench instructions [--commit REV]``: instructions per message under callgrind,
+stage by stage (``bench/instructions.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,23 +15,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hotpath, redis_modes, report, workloads
+from bench import hotpath, instructions, redis_modes, report, workloads
 from bench.procs import REPO
 
 WORKLOADS = (
-    "hotpath", "stream", "exchange", "fanout", "latency", "memory", "startup", "redis-cluster"
-)  # fmt: skip
+    "hotpath",
+    "instructions",
+    "stream",
+    "exchange",
+    "fanout",
+    "latency",
+    "memory",
+    "startup",
+    "redis-cluster",
+)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (1 run, 20k)")
-    parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="alternating rounds per comparison (default 5)"
+    )
     parser.add_argument("--messages", type=int, default=None, help="backlog of the drains")
     parser.add_argument("--backlog", type=int, default=None, help="backlog of the memory run")
     parser.add_argument("--memory-runs", type=int, default=None, help="runs of the memory drain")
     parser.add_argument("--latency-seconds", type=float, default=None)
     parser.add_argument("--rate", type=float, default=2000.0, help="latency workload msg/s")
+    parser.add_argument(
+        "--baseline",
+        default=instructions.BASELINE,
+        help="the commit the instruction counts are compared with (default %(default)s)",
+    )
+    parser.add_argument(
+        "--instructions-messages", type=int, default=None, help="counted drain (default 5,000)"
+    )
     parser.add_argument(
         "--only", default=",".join(WORKLOADS), help=f"comma-separated: {','.join(WORKLOADS)}"
     )
@@ -45,7 +67,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     quick = args.quick
-    args.runs = args.runs or (1 if quick else 3)
+    args.runs = args.runs or (1 if quick else 5)
+    args.instructions_messages = args.instructions_messages or (1_000 if quick else 5_000)
     args.messages = args.messages or (20_000 if quick else 100_000)
     args.backlog = args.backlog or (50_000 if quick else 1_000_000)
     args.memory_runs = args.memory_runs or args.runs
@@ -70,6 +93,7 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "latency_rate": args.rate,
         "latency_seconds": args.latency_seconds,
         "quick": args.quick,
+        "baseline": args.baseline,
         "command": "uv run python -m bench " + " ".join(sys.argv[1:]),
     }
     started = time.perf_counter()
@@ -77,6 +101,20 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "hotpath": (
             "0. hot path, stage by stage, in process",
             lambda: asyncio.to_thread(hotpath.measure),
+        ),
+        "instructions": (
+            f"0. instructions per message under callgrind, {args.baseline} and the working tree",
+            lambda: instructions.run(
+                [args.baseline, instructions.WORKTREE],
+                list(instructions.ROLES),
+                messages=args.instructions_messages,
+                warmup=args.instructions_messages // 5,
+                repeat=1,
+                passes=["plain", "stages"],
+                python=instructions.find_python(None),
+                log_dir=log_dir,
+                say=say,
+            ),
         ),
         "stream": (
             "1. drain AMQP -> one Redis stream",
@@ -129,6 +167,9 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["instructions"]:
+        return instructions.main(argv[1:])
     args = _arguments(argv)
     if args.from_results:
         results = json.loads(args.from_results.read_text())

@@ -13,20 +13,24 @@ def intro(settings: dict[str, Any]) -> str:
     )
     return f"""# Benchmarks
 
-message-proxy against its peers on one machine, every peer a separate process, every figure the
-median of {settings["runs"]} run(s) of one invocation, every ratio taken against a baseline
-measured in that same invocation. The machine is shared and noisy: absolute figures move between
-invocations by a factor of two or more, ratios less (see *Run-to-run variation* below).
+message-proxy against its peers on one machine, every peer a separate process. Every ratio comes
+from {settings["runs"]} alternating round(s) of one invocation (the peer, then message-proxy right
+after it, then the next round), each round's ratio printed beside the median. The machine is
+shared and noisy: absolute rates move between invocations by a factor of two or more, ratios
+less (see *Run-to-run variation* below). The CPU figure that does not move with the machine is
+the count of instructions per message under callgrind (section 0).
 {quick}
-Reproduce (about 20 minutes; `--quick` is a one-minute smoke run that writes next to its logs):
+Reproduce (about 40 minutes; `--quick` is a smoke run that writes next to its logs):
 
 ```
 {settings["command"].strip()}
 ```
 
 Options: `--runs N`, `--messages N` (drains), `--backlog N` (memory), `--only stream,exchange,...`,
-`--out DIR`. Raw per-run figures, configs and every process's log go to a temporary directory
-named at the start of the run.
+`--baseline REV` and `--instructions-messages N` (section 0), `--out DIR`. Raw per-run figures,
+configs and every process's log go to a temporary directory named at the start of the run.
+`uv run python -m bench instructions [--commit REV ...]` counts instructions alone, for any
+commits (section 0's method).
 """
 
 
@@ -57,7 +61,14 @@ HOW_TIMED = """## How each figure was timed
   **Peak RSS**: psutil, every 50 ms, over the process's whole life.
 - **Same conditions**: prefetch 1,000 for every consumer (message-proxy's default; the Shovel's
   `src-prefetch-count`), uvloop for every Python peer (message-proxy uses it when installed),
-  hiredis installed for every Redis client. Peers run in a rotating order within each round.
+  hiredis installed for every Redis client.
+- **Alternating rounds**: every comparison is message-proxy against one peer, in `--runs`
+  rounds (5 by default). In each round every peer drains once, in an order that rotates from
+  round to round, and message-proxy drains right after each of them: peer, message-proxy, peer,
+  message-proxy, ... A round's ratio is message-proxy's rate over the rate of the peer it
+  followed, two drains a few seconds apart, so a change in the machine's speed between rounds
+  moves both sides of a ratio alike. The tables give every round's ratio and their median; the
+  chart plots them. message-proxy's rate column is the median of all its drains.
 - **Latency (4)**: the bench paces 2,000 msg/s (a tick every millisecond), puts `time.time_ns()`
   in the header `x-bench-sent-ns` of each message as it writes it, and does not wait for confirms
   between ticks. In the same event loop it reads the stream with `XREAD BLOCK` and takes, for
@@ -82,8 +93,14 @@ PEERS = """## The peers
   that returns the decoded JSON body: the shape FastStream's documentation gives for moving
   messages between brokers (FastStream 0.7 API). FastStream acks after the handler returns, that
   is after the XADD: at-least-once, one message at a time.
-- **ack-only ceiling** (`bench/peers/ack_only.py`): a plain aio-pika consumer that forwards
-  nothing; `ack(multiple=True)` every 500 deliveries and every 5 ms for the tail.
+- **aiormq ack-only ceiling** (`bench/peers/ack_only_aiormq.py`): the stricter ceiling, the
+  fastest way a stock Python client consumes: aiormq's channel directly (no aio-pika on top),
+  uvloop, a callback that only counts, `basic_ack(multiple=True, wait=False)` every 500
+  deliveries and every 5 ms for the tail. It forwards nothing.
+- **aio-pika ack-only ceiling** (`bench/peers/ack_only.py`): a plain aio-pika consumer that
+  forwards nothing; `ack(multiple=True)` every 500 deliveries and every 5 ms for the tail.
+- The client versions measured (aio-pika, aiormq, pamqp, redis-py, hiredis, uvloop, FastStream)
+  are listed under *Machine* at the end.
 - **RabbitMQ Shovel**: enabled with `rabbitmq-plugins enable rabbitmq_shovel`, a dynamic shovel
   set with `rabbitmqctl set_parameter shovel ...`: source the queue, destination the exchange
   through a network `amqp://` URI, `ack-mode` `on-confirm`, `src-prefetch-count` 1000.
@@ -170,4 +187,47 @@ start and at the end of this session gave p99 11.1 / 12.3 / 11.2 ms (start) and 
 the worker adds the 5 ms batch deadline and about a millisecond (measured inside the worker:
 a message arrives 0.55 ms p50 after its publish, and a batch's XADDs are answered 1.2 ms p50
 after its flush starts); the rest of the tail is the broker, the reader and the machine.
+"""
+
+
+INSTRUCTIONS = """## How instructions are counted (section 0)
+
+`python -m bench instructions` (and the `instructions` workload of a full run) runs a worker as
+users run it, `python -m workers.stream_bridge --config F` or `workers.exchange_relay`, under
+`valgrind --tool=callgrind`, against the same RabbitMQ and Redis as the drains. Callgrind counts
+the instructions the process executes; they do not depend on what else the machine runs, so the
+same commit gives the same count to within about a percent however busy the machine is (the part
+that does depend on time, heartbeats and the readiness pings, is small and counted apart: *loop
+and other*). Each commit is measured in its own checkout (`--commit REV` makes a temporary git
+worktree) with its own venv, on CPython 3.12 (the images' version), with `PYTHONHASHSEED=0`.
+
+- **The window.** The worker starts with instrumentation off (start-up is not counted), then:
+  instrumentation on, a warm-up drain (a fifth of the counted one), a dump (callgrind resets its
+  counters at each dump), the worker frozen with SIGSTOP while the bench pre-fills the counted
+  messages (5,000 by default), SIGCONT, and a second dump once every message is in the output and
+  RabbitMQ reports none ready or unacked. The second dump is the drain and nothing else: receive,
+  route, encode, write, settle of every message, in batches as a backlog drain makes them (the
+  table gives their mean size).
+- **Two passes.** The *plain* pass is the figure: the interpreter as it ships. The *stages* pass
+  splits it. CPython 3.11 and 3.12 show callgrind only C: all Python code is one
+  `_PyEval_EvalFrameDefault`. With `python -X perf` (3.12+), every Python function runs through
+  a small stub of machine code of its own, whose address `/tmp/perf-<pid>.map` names. Callgrind
+  sees each stub as a function without a symbol, named by its address, so the call graph has a
+  node per Python function. With `--fn-skip` patterns matching every named C function (except
+  the few a thread needs at its bottom), callgrind charges the C code (the interpreter's, the
+  allocator, orjson, hiredis, uvloop) to the function that called it: a Python function's own
+  count is then everything that ran while it was the innermost Python function on the stack.
+  The stubs cost instructions of their own (every Python call then goes through C instead of
+  the interpreter's inlined call), so the stages pass counts about 10 % more than the plain
+  one; both totals are printed.
+- **Stages.** `bench/stages.py` names, by file and qualified name, the functions where each stage
+  begins: *receive* (the client's `data_received`, frame cutting and decoding, building the
+  Message, the pipeline's `submit`), *route* (the route rules and the batch's plan), *encode*
+  (entry fields, RESP; publish frames for the relay), *write* (the sink's round trip and its
+  outcomes), *settle* (acks, per-batch metrics, the latency histogram), *batch* (the pipeline's
+  loop and bookkeeping), *loop and other* (the event loop's own C code, timers, heartbeats, the
+  watchers, the sidecar). A function no rule names (asyncio's, redis-py's, a dataclass
+  `__init__`) is charged to its callers' stages in proportion to what each caller's calls to it
+  cost. The mode lists the costly `proxy/` functions no rule names, so a rename does not pass
+  unseen.
 """

@@ -13,8 +13,11 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from bench import instructions_report
+
 PROXY = "message-proxy"
-CEILING = "ack-only ceiling"
+CEILING = "aio-pika ack-only ceiling"
+STRICT_CEILING = "aiormq ack-only ceiling"
 NAIVE = "naive bridge"
 RELAY = "message-proxy relay"
 SHOVEL = "RabbitMQ Shovel"
@@ -82,15 +85,26 @@ def _runs_of(results: dict[str, Any], workload: str) -> dict[str, list[dict[str,
     return value if isinstance(value, dict) else {}
 
 
-def paired_ratio(runs: dict[str, list[dict[str, Any]]], top: str, base: str) -> float:
-    """Median over rounds of top's rate / base's rate, both measured in the same round."""
+def round_ratios(runs: dict[str, list[dict[str, Any]]], top: str, base: str) -> list[float]:
+    """Each round's top rate / base rate: top's run paired with (``versus``) base's, in order.
+
+    Results written before the rounds alternated have no ``versus``: top's run of the same round.
+    """
     base_by_round = {r["round"]: r["rate"] for r in runs.get(base, [])}
-    ratios = [
+    return [
         r["rate"] / base_by_round[r["round"]]
         for r in runs.get(top, [])
-        if r["round"] in base_by_round
+        if r.get("versus", base) == base and r["round"] in base_by_round
     ]
-    return median(ratios)
+
+
+def paired_ratio(runs: dict[str, list[dict[str, Any]]], top: str, base: str) -> float:
+    """The median of the rounds' ratios."""
+    return median(round_ratios(runs, top, base))
+
+
+def _ratios(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def _rates(runs: list[dict[str, Any]]) -> str:
@@ -126,6 +140,7 @@ def drain_rows(runs: dict[str, list[dict[str, Any]]], top: str) -> list[list[str
                 peer,
                 f"{median([r['rate'] for r in peer_runs]):,.0f}",
                 "-" if peer == top else f"{paired_ratio(runs, top, peer):.2f}x",
+                "-" if peer == top else _ratios(round_ratios(runs, top, peer)),
                 f"{_cpu(peer_runs, 'peer'):.0f}",
                 f"{_cpu(peer_runs, 'rabbitmq'):.0f}" + _gc_share(peer_runs),
                 _cores(peer_runs),
@@ -140,7 +155,8 @@ def drain_rows(runs: dict[str, list[dict[str, Any]]], top: str) -> list[list[str
 DRAIN_HEADER = [
     "peer",
     "msg/s (median)",
-    "message-proxy / peer",
+    "message-proxy / peer (median)",
+    "every round's ratio",
     "peer CPU us/msg",
     "RabbitMQ CPU us/msg (of it GC)",
     "RabbitMQ cores busy",
@@ -174,7 +190,14 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     stream = _runs_of(results, "stream")
     if stream:
         add(
-            "1. message-proxy / ack-only ceiling",
+            "1. message-proxy / aiormq ack-only ceiling",
+            ">= 1.3x",
+            paired_ratio(stream, PROXY, STRICT_CEILING),
+            lambda v: v >= 1.3,
+            ".2f",
+        )
+        add(
+            "1. message-proxy / aio-pika ack-only ceiling",
             ">= 0.9x",
             paired_ratio(stream, PROXY, CEILING),
             lambda v: v >= 0.9,
@@ -212,6 +235,16 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
             lambda v: v < 80,
             ".1f",
         )
+    found = instructions_report.bridge_target(results.get("instructions") or {})
+    if found:
+        ratio, commits = found
+        add(
+            f"0. stream bridge instructions per message, {commits}",
+            "<= 0.70x",
+            ratio,
+            lambda v: v <= 0.7,
+            ".2f",
+        )
     return rows
 
 
@@ -244,6 +277,8 @@ def table(results: dict[str, Any]) -> str:
     if results.get("hotpath"):
         parts.append("\n0. hot path, in process (best of 25 loops)")
         parts.append(plain_table(*hotpath_rows(results["hotpath"])))
+    if results.get("instructions"):
+        parts.append("\n0. " + instructions_report.text(results["instructions"]))
     parts.append("\ntargets")
     parts.append(plain_table(["target", "wanted", "measured", "met"], targets(results)))
     return "\n".join(parts)
@@ -346,6 +381,39 @@ def _drain_panel(axis: Any, results: dict[str, Any]) -> None:
     )
 
 
+def comparisons(results: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """Every ratio the run measured: (label, each round's ratio), message-proxy over the peer."""
+    out = []
+    for workload, top in (("stream", PROXY), ("exchange", RELAY)):
+        runs = _runs_of(results, workload)
+        for peer in runs:
+            if peer != top:
+                out.append((f"{top} / {peer}", round_ratios(runs, top, peer)))
+    return out
+
+
+def _ratio_panel(axis: Any, results: dict[str, Any]) -> None:
+    found = [(label, ratios) for label, ratios in comparisons(results) if ratios]
+    for index, (_name, ratios) in enumerate(found):
+        axis.scatter([index] * len(ratios), ratios, s=14, color="#4878a8", zorder=3)
+        middle = median(ratios)
+        axis.hlines(middle, index - 0.3, index + 0.3, color="#2e8b57", linewidth=2.5)
+        axis.annotate(
+            f"{middle:.2f}x", (index + 0.32, middle), fontsize=8, va="center", color="#2e8b57"
+        )
+    axis.axhline(1.0, color="#999999", linestyle="--", linewidth=1)
+    axis.set_yscale("log")
+    labels = [_label(label.split(" / ", 1)[1]) for label, _ in found]
+    labels = [
+        ("relay /\n" if label.startswith(RELAY) else "") + text
+        for (label, _), text in zip(found, labels, strict=True)
+    ]
+    axis.set_xticks(range(len(found)), labels, fontsize=7)
+    axis.set_xlim(-0.6, len(found) - 0.2)
+    axis.set_ylabel("message-proxy's rate / the peer's, same round")
+    axis.set_title("Ratios: every round (dots), median (green)", fontsize=9)
+
+
 def _latency_panel(axis: Any, results: dict[str, Any]) -> None:
     runs = results["latency"]
     labels = ["p50", "p99", "max"]
@@ -384,6 +452,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
     panels: list[Callable[[Any, dict[str, Any]], None]] = []
     if _runs_of(results, "stream") or _runs_of(results, "exchange"):
         panels.append(_drain_panel)
+    if any(ratios for _label, ratios in comparisons(results)):
+        panels.append(_ratio_panel)
     if results.get("latency"):
         panels.append(_latency_panel)
     if results.get("memory") or _runs_of(results, "stream"):
@@ -414,20 +484,24 @@ def write(results: dict[str, Any], markdown: Path, png: Path) -> None:
 
 
 def document(results: dict[str, Any], png_name: str) -> str:
-    from bench.notes import HOW_TIMED, PEERS, PROFILE, VARIATION, intro
+    from bench.notes import HOW_TIMED, INSTRUCTIONS, PEERS, PROFILE, VARIATION, intro
 
     settings, machine = results["settings"], results["machine"]
     out = [intro(settings)]
     out.append("## Targets\n")
     out.append(markdown_table(["target", "wanted", "measured", "met"], targets(results)))
     out.append(f"\n![benchmarks]({png_name})\n")
+    if results.get("instructions"):
+        out.append("## 0. Instructions per message (callgrind)\n")
+        out.append(instructions_report.markdown(results["instructions"]))
     stream = _runs_of(results, "stream")
     if stream:
         out.append(
             f"## 1. Drain {settings['messages']:,} messages: AMQP -> one Redis stream\n\n"
-            "message-proxy / peer: message-proxy's rate divided by the peer's, both measured in "
-            "the same round, median over rounds. CPU is per message, from the first delivery to "
-            "the end of the drain.\n"
+            "message-proxy / peer: message-proxy's rate divided by the rate of the peer it "
+            "followed in the same round (the rounds alternate: peer, message-proxy, peer, ...); "
+            "every round's ratio, then their median. CPU is per message, from the first delivery "
+            "to the end of the drain.\n"
         )
         out.append(markdown_table(DRAIN_HEADER, drain_rows(stream, PROXY)))
     exchange = _runs_of(results, "exchange")
@@ -472,6 +546,7 @@ def document(results: dict[str, Any], png_name: str) -> str:
     if results.get("redis-cluster"):
         out.append(redis_cluster_section(results["redis-cluster"]))
     out.append("\n" + HOW_TIMED)
+    out.append(INSTRUCTIONS)
     out.append(PEERS)
     out.append(VARIATION)
     out.append(PROFILE)

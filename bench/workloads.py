@@ -157,11 +157,12 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed: {done.stderr or done.stdout}")
 
 
-STREAM_PEERS = [
+STREAM_PEERS = [  # message-proxy first: it is compared with each of the others
     Peer("message-proxy", "stream", _proxy_stream),
+    Peer("aiormq ack-only ceiling", "counter", _peer_process("bench.peers.ack_only_aiormq")),
+    Peer("aio-pika ack-only ceiling", "counter", _peer_process("bench.peers.ack_only")),
     Peer("naive bridge", "stream", _peer_process("bench.peers.naive_bridge")),
     Peer("FastStream bridge", "stream", _peer_process("bench.peers.faststream_bridge")),
-    Peer("ack-only ceiling", "counter", _peer_process("bench.peers.ack_only")),
 ]
 EXCHANGE_PEERS = [
     Peer("message-proxy relay", "exchange", _proxy_exchange),
@@ -302,18 +303,31 @@ async def drain_peer(peer: Peer, total: int, log_dir: Path) -> dict[str, Any]:
 async def compare(
     peers: list[Peer], total: int, runs: int, log_dir: Path, say: Callable[[str], None]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every peer once per round, the starting peer rotating; ``runs`` rounds."""
+    """The first peer (message-proxy) against each other one, in ``runs`` alternating rounds.
+
+    In each round every other peer drains once, in a rotating order, and message-proxy drains
+    right after it: the sequence goes peer, message-proxy, peer, message-proxy, ... Each of
+    message-proxy's runs names the run it follows (``versus``); the two make that round's ratio,
+    drained one right after the other, so a drift of the machine's speed moves both alike.
+    """
+    top, others = peers[0], peers[1:]
     results: dict[str, list[dict[str, Any]]] = {peer.name: [] for peer in peers}
     for round_ in range(runs):
-        order = peers[round_ % len(peers) :] + peers[: round_ % len(peers)]
-        for peer in order:
-            result = await drain_peer(peer, total, log_dir)
-            result["round"] = round_
-            results[peer.name].append(result)
+        shift = round_ % len(others)
+        for peer in others[shift:] + others[:shift]:
+            base = await drain_peer(peer, total, log_dir)
+            mine = await drain_peer(top, total, log_dir)
+            base["round"] = mine["round"] = round_
+            mine["versus"] = peer.name
+            results[peer.name].append(base)
+            results[top.name].append(mine)
+            problems = base["problems"] + mine["problems"]
             say(
-                f"  round {round_ + 1}/{runs} {peer.name:<22} {result['rate']:>9,.0f} msg/s"
-                f"  cpu {result['cpu_us_per_msg']['peer']:>5.0f} us/msg"
-                + (f"  PROBLEMS: {result['problems']}" if result["problems"] else "")
+                f"  round {round_ + 1}/{runs} {peer.name:<26} {base['rate']:>9,.0f} msg/s "
+                f"(cpu {base['cpu_us_per_msg']['peer']:>4.0f} us/msg), then {top.name} "
+                f"{mine['rate']:>9,.0f} msg/s (cpu {mine['cpu_us_per_msg']['peer']:>4.0f}): "
+                f"{mine['rate'] / base['rate']:.2f}x"
+                + (f"  PROBLEMS: {problems}" if problems else "")
             )
     return results
 
