@@ -61,8 +61,8 @@ def skip_patterns(kept: Sequence[str] = KEPT) -> list[str]:
             under = [k for k in keep if k.startswith(at)]
             if not under:
                 out.append(at + "*")
-            elif under == [at]:
-                out.append(at + "?*")
+            elif under == [at]:  # longer names only: callgrind's "?" also matches nothing
+                out.extend(at + following + "*" for following in _NEXT)
             else:
                 out.extend(below([k for k in under if k != at], at))
         return out

@@ -73,7 +73,7 @@ class Tree:
 
 def find_python(explicit: str | None) -> Path:
     """A CPython 3.12+ (the perf trampoline): ``--python``, ``python3.12`` on PATH, or pyenv's."""
-    candidates = [explicit] if explicit else []
+    candidates: list[str | None] = [explicit] if explicit else []
     candidates += [shutil.which(f"python3.{minor}") for minor in (12, 13)]
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     candidates += sorted(glob.glob(str(pyenv / "versions/3.1[23].*/bin/python3.1[23]")))

@@ -15,9 +15,10 @@ def _median(values: Sequence[float]) -> float:
 
 def spread(values: Sequence[float]) -> float:
     """(max - min) / median, as a fraction: how far repeated counts of one commit stray."""
-    if len(values) < 2:
-        return float("nan")
-    return (max(values) - min(values)) / _median(values)
+    middle = _median(values)
+    if len(values) < 2 or not middle:
+        return float("nan") if len(values) < 2 else 0.0
+    return (max(values) - min(values)) / middle
 
 
 def _runs(tree: dict[str, Any], role: str, pass_: str) -> list[dict[str, Any]]:
