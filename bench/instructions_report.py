@@ -101,12 +101,14 @@ def comparison_rows(results: dict[str, Any]) -> list[list[str]]:
         before = per_message(base, role)
         for tree in trees[1:]:
             after = per_message(tree, role)
+            if before != before or after != after:  # not measured on one side
+                continue
             rows.append(
                 [
                     role,
                     f"{base['commit']}: {before:,.0f}",
                     f"{tree['commit']}: {after:,.0f}",
-                    f"{after / before:.2f}x ({after / before - 1:+.0%})",
+                    f"{after / before:.3f}x ({after / before - 1:+.1%})",
                 ]
             )
     return rows
@@ -138,9 +140,10 @@ def _batches(tree: dict[str, Any], role: str) -> str:
 
 def _title(results: dict[str, Any], tree: dict[str, Any], role: str) -> str:
     label = "the working tree" if tree["label"] == "." else tree["label"]
+    named = "" if tree["commit"].startswith(label) else f" ({label})"
     batches = _batches(tree, role)
     return (
-        f"{role} at {tree['commit']} ({label}): {results['messages']:,} messages after "
+        f"{role} at {tree['commit']}{named}: {results['messages']:,} messages after "
         f"{results['warmup']:,} of warm-up" + (f", {batches}" if batches else "")
     )
 

@@ -231,3 +231,41 @@ worktree) with its own venv, on CPython 3.12 (the images' version), with `PYTHON
   cost. The mode lists the costly `proxy/` functions no rule names, so a rename does not pass
   unseen.
 """
+
+
+INSTRUCTION_PROFILE = """## Where the instructions go (at de47afe, the round's baseline)
+
+From the stages pass of section 0 (CPython 3.12 with the perf trampoline, which adds ~10 %; a
+backlog drain in batches of 500), the stream bridge's ~342,600 instructions per message
+(311,600 plain): *encode* 35 %, *receive* 32 %, *write* 18 %, *route* 4.5 %, *settle* 4 %,
+*garbage collection* 3.4 %, *batch* 2 %, the rest 1 %. The relay's ~214,500 (194,900 plain):
+*receive* 52 %, *encode* 14 %, *write* 12 %, *route* 7 %, *settle* 6 %, *garbage collection* 6 %.
+What would pay most, in instructions per message saved (estimates from the per-function counts):
+
+1. **RESP in the Redis sink, ~80-90k (a quarter of the bridge).** Packing one XADD costs ~105k:
+   `_bulk` (~70k: a call, a type test and a `%`-format per argument, ~20 arguments),
+   `pack_commands`' generator (~19k), `_flat` (~10-15k). The head of an XADD (`*N`, `XADD`, the
+   stream, `MAXLEN ~ n`, `*`) is the same for every entry of a target and the field names are
+   constants: both can be encoded once, leaving per message only each value's `$len` prefix,
+   collected into one list and joined once per batch.
+2. **Reading the XADD replies, ~35-40k.** redis-py reads each of the 500 replies with
+   `read_response` (~44k per message with what it calls): an `asyncio.timeout` entered, moved and
+   left per reply (~25k), the parser's calls (~15k). Feeding the socket's bytes to a
+   `hiredis.Reader` and taking the replies with `gets()` under one deadline for the batch would
+   leave a few hundred instructions per reply.
+3. **The content header, ~20k (both roles).** `_content_header` costs ~57k with what it calls:
+   `decode_table` ~24k and `_short_str` ~22k (about seven calls per message, ~3k each: a call,
+   a bounds test, a slice, a decode, a tuple), `_identity_properties` ~16k. Inlining the short
+   strings of the common properties and the header keys, and for the relay decoding only what
+   routing reads (it passes the raw properties on), would take most of it.
+4. **Per-message objects and bookkeeping, ~15k.** Dataclass `__init__`s (Delivery, the client's
+   delivery, Publish: ~7k), the frame loop that dispatches three frames per message (~14k own),
+   the pipeline's per-message passes after the write (`_publish_all`'s outcome loop ~4k, the
+   latency histogram's second `timestamp()` per message ~6k, the per-queue counters ~3k).
+5. **Garbage collection, ~12k.** Every `(value, offset)` tuple of the decoder and every
+   per-message dict is an allocation that brings the next collection closer; fewer of them
+   (item 3) lowers it, and `gc.freeze()` after start-up would keep the collector from walking
+   the start-up objects.
+
+Items 1 and 2 alone come to about a third of the bridge's count.
+"""

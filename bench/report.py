@@ -484,7 +484,15 @@ def write(results: dict[str, Any], markdown: Path, png: Path) -> None:
 
 
 def document(results: dict[str, Any], png_name: str) -> str:
-    from bench.notes import HOW_TIMED, INSTRUCTIONS, PEERS, PROFILE, VARIATION, intro
+    from bench.notes import (
+        HOW_TIMED,
+        INSTRUCTION_PROFILE,
+        INSTRUCTIONS,
+        PEERS,
+        PROFILE,
+        VARIATION,
+        intro,
+    )
 
     settings, machine = results["settings"], results["machine"]
     out = [intro(settings)]
@@ -557,6 +565,7 @@ def document(results: dict[str, Any], png_name: str) -> str:
             "suite replaced):\n"
         )
         out.append(markdown_table(*hotpath_rows(results["hotpath"])) + "\n")
+    out.append(INSTRUCTION_PROFILE)
     out.append(machine_section(results, machine))
     problems = [
         p
