@@ -229,7 +229,12 @@ worktree) with its own venv, on CPython 3.12 (the images' version), with `PYTHON
   watchers, the sidecar). A function no rule names (asyncio's, redis-py's, a dataclass
   `__init__`) is charged to its callers' stages in proportion to what each caller's calls to it
   cost. The mode lists the costly `proxy/` functions no rule names, so a rename does not pass
-  unseen.
+  unseen. On the relay, *receive* also holds the publisher connection's confirm frames: both
+  connections run the same frame-cutting code, and a rule names code, not a connection.
+- **What spoils a count.** Under valgrind a batch takes seconds, so the worker's readiness pings
+  time out (counted in *loop and other*), and a RabbitMQ `consumer_timeout` of a few seconds
+  (a test may set one for a while) closes the channel and redelivers: the bench then finds more
+  entries than messages, prints `PROBLEM`, and the run is to be repeated.
 """
 
 

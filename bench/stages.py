@@ -24,7 +24,8 @@ RECEIVE, ROUTE, ENCODE, WRITE, SETTLE, BATCH, GC, OTHER = (
 STAGES = (RECEIVE, ROUTE, ENCODE, WRITE, SETTLE, BATCH, GC, OTHER)
 DESCRIPTIONS = {
     RECEIVE: "socket bytes to a Delivery: cutting frames, decoding deliver, header and "
-    "properties, building the Message, handing it to the pipeline",
+    "properties, building the Message, handing it to the pipeline (on the relay also the "
+    "publisher connection's confirm frames, which the same connection code cuts)",
     ROUTE: "the route rules and the plan of a batch (which message goes where)",
     ENCODE: "a message to the destination's bytes: stream entry fields and RESP, or the "
     "AMQP publish frames",
@@ -50,6 +51,11 @@ RULES: tuple[Rule, ...] = (
     Rule(OTHER, _SINK_REDIS, "RedisStreamSink.ping"),
     Rule(OTHER, _SINK_AMQP, "AmqpExchangeSink.ping"),
     Rule(OTHER, "proxy/amqp/publisher.py", "*.ping"),
+    # The publisher's confirms arrive on a connection of the same class as the consumer's: its
+    # notices are the write's, the frames around them are cut by the receive code (a few per
+    # batch with multiple confirms).
+    Rule(WRITE, "proxy/amqp/connection.py", "AmqpConnection._on_publisher_notice"),
+    Rule(ENCODE, "proxy/amqp/publisher.py", "Publisher._method"),
     # receive
     Rule(RECEIVE, "proxy/amqp/frames.py"),
     Rule(RECEIVE, "proxy/amqp/connection.py", "AmqpConnection.data_received"),
