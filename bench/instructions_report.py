@@ -131,6 +131,16 @@ def _unnamed_lines(tree: dict[str, Any], role: str) -> list[str]:
     return [f"{cost:>9,.0f}  {name}" for name, cost in runs[0]["unnamed_proxy"] if cost >= 500]
 
 
+def _problems(tree: dict[str, Any], role: str) -> list[str]:
+    """Runs whose output did not hold exactly the messages counted: their count is not valid."""
+    return [
+        f"PROBLEM: {r['pass']} pass: {r['written']:,} written of {r['messages']:,} "
+        "(redelivered or lost: repeat the measurement)"
+        for r in tree["runs"]
+        if r["role"] == role and r["written"] != r["messages"]
+    ]
+
+
 def _batches(tree: dict[str, Any], role: str) -> str:
     runs = [r for r in tree["runs"] if r["role"] == role and r["batches"]]
     if not runs:
@@ -161,6 +171,7 @@ def text(results: dict[str, Any]) -> str:
                 continue
             out.append("\n" + _title(results, tree, role))
             out.append(plain_table(HEADER, role_rows(tree, role)).replace("**", ""))
+            out += ["  " + line for line in _problems(tree, role)]
             top = _top_lines(tree, role)
             if top:
                 out.append("  top functions, own instructions per message (the C they call in):")
@@ -193,6 +204,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             out.append(f"**{_title(results, tree, role)}**\n")
             out.append(markdown_table(HEADER, role_rows(tree, role)) + "\n")
+            out += [f"- **{line}**\n" for line in _problems(tree, role)]
             top = _top_lines(tree, role, 10)
             if top:
                 out.append(
