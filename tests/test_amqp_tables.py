@@ -181,7 +181,7 @@ def test_any_table_reads_back_as_written(value: dict[Any, Any]) -> None:
         raw = field_table(value)
     except ValueError:
         return  # a decimal that no AMQP decimal holds: refused when written, never sent
-    assert _comparable(read(raw)) == _comparable(_as_read(value))
+    assert comparable(read(raw)) == comparable(_as_read(value))
     # a content header carrying it reads as pamqp reads the same frame, where pamqp can
     try:
         payload = frame.marshal(ContentHeader(0, 0, spec.Basic.Properties(headers={})), 1)[7:-1]
@@ -191,15 +191,15 @@ def test_any_table_reads_back_as_written(value: dict[Any, Any]) -> None:
     except (ValueError, TypeError, OverflowError):
         return  # pamqp cannot read it (a name that is not UTF-8, a huge time)
     ours = wire.decode_content_header(payload)[1]["headers"]
-    assert _comparable(ours) == _comparable(theirs.properties.headers)
+    assert comparable(ours) == comparable(theirs.properties.headers)
 
 
-def _comparable(value: Any) -> Any:
+def comparable(value: Any) -> Any:
     """NaN equal to itself, and pamqp's signed reading of ``L`` aside."""
     if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items()}
+        return {k: comparable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_comparable(item) for item in value]
+        return [comparable(item) for item in value]
     if isinstance(value, float) and value != value:
         return "NaN"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
