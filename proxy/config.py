@@ -235,6 +235,7 @@ class RedisSettings(Frozen):
             "redis://:secret@redis.internal:6379/0",
             ["redis://:secret@redis-1:6379", "redis://:secret@redis-2:6379"],
         ],
+        json_schema_extra={"x-example-with": [None, {"mode": "cluster"}]},
     )
     timeout: float = Field(
         5.0,
@@ -249,12 +250,14 @@ class RedisSettings(Frozen):
         (),
         description="`mode = \"sentinel\"`: the sentinels' `redis://` or `rediss://` URLs.",
         examples=[["redis://sentinel-1:26379", "redis://sentinel-2:26379"]],
+        json_schema_extra={"x-example-with": {"mode": "sentinel", "service_name": "mymaster"}},
     )
     service_name: str | None = Field(
         None,
         min_length=1,
         description="`mode = \"sentinel\"`: the master's name, as the sentinels monitor it.",
         examples=["mymaster"],
+        json_schema_extra={"x-example-with": {"mode": "sentinel", "sentinels": ["redis://sentinel-1:26379"]}},
     )
     min_replicas: int | None = Field(
         None,
@@ -278,16 +281,19 @@ class RedisSettings(Frozen):
         None,
         description="`rediss://`: the CA bundle (PEM) to verify servers with (else the system's).",
         examples=["/etc/ssl/redis-ca.pem"],
+        json_schema_extra={"x-example-with": {"url": "rediss://redis.internal:6380/0"}},
     )
     tls_cert_file: str | None = Field(
         None,
         description="`rediss://`: a client certificate (PEM), for servers that ask for one.",
         examples=["/etc/ssl/worker.pem"],
+        json_schema_extra={"x-example-with": {"url": "rediss://redis.internal:6380/0"}},
     )
     tls_key_file: str | None = Field(
         None,
         description="`rediss://`: the client certificate's private key (PEM).",
         examples=["/etc/ssl/worker-key.pem"],
+        json_schema_extra={"x-example-with": {"url": "rediss://redis.internal:6380/0"}},
     )
     tls_server_name: str | None = Field(
         None,
@@ -298,6 +304,7 @@ class RedisSettings(Frozen):
             "or a sentinel names."
         ),
         examples=["redis.internal"],
+        json_schema_extra={"x-example-with": {"url": "rediss://redis.internal:6380/0"}},
     )
     tls_verify: bool = Field(
         True,
@@ -496,6 +503,7 @@ class Source(Frozen):
             "docs/STREAM-SOURCES.md."
         ),
         examples=["next", "2026-01-01T00:00:00Z"],
+        json_schema_extra={"x-example-with": {"arguments": {"x-queue-type": "stream"}}},
     )
     offset_key: str | None = Field(
         None,
@@ -508,6 +516,7 @@ class Source(Frozen):
             "to start again from `stream_offset`."
         ),
         examples=["message-proxy:stream-offset:%2F:events-stream:audit"],
+        json_schema_extra={"x-example-with": {"arguments": {"x-queue-type": "stream"}}},
     )
 
     @field_validator("single_active_consumer")
@@ -828,6 +837,7 @@ class DeadLetter(Frozen):
         ge=1,
         description="Trim the dead-letter stream to about this many entries (`MAXLEN ~`).",
         examples=[1000000],
+        json_schema_extra={"x-example-with": {"stream": "message-proxy:dead-letter"}},
     )
     exchange: str | None = Field(
         None,
@@ -842,11 +852,13 @@ class DeadLetter(Frozen):
         "{routing_key}",
         description=f"With `exchange`: the routing key to publish with. {TEMPLATE_HELP}",
         examples=["{queue}"],
+        json_schema_extra={"x-example-with": {"exchange": "dead-letter"}},
     )
     declare: bool = Field(
         False,
         description=DECLARE_DESCRIPTION + " Only with `exchange`.",
         examples=[True],
+        json_schema_extra={"x-example-with": {"exchange": "dead-letter"}},
     )
 
     @model_validator(mode="after")

@@ -27,6 +27,8 @@ from proxy.config import ENV_PREFIX, Config
 SCHEMA_FILE = Path("docs/message-proxy.schema.json")
 MARKDOWN_FILE = Path("docs/CONFIG.md")
 REGENERATE = "uv run python -m proxy.configdoc"
+# Schema keyword: the sibling keys a key's examples are shown with (``json_schema_extra``).
+EXAMPLE_WITH = "x-example-with"
 # Draft 7: what TOML language servers read (the schema uses nothing newer; "$defs" is only where
 # the definitions live, found by JSON pointer).
 JSON_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
@@ -325,18 +327,42 @@ def _first_example(schema: Mapping[str, Any], node: Mapping[str, Any]) -> Any:
     return _as_structure(schema, node, examples[0])
 
 
-def example_document(schema: Mapping[str, Any], key: Key, value: Any) -> dict[str, Any]:
-    """``value`` for ``key`` in its place in a config file, with the keys its tables require."""
+def example_documents(schema: Mapping[str, Any], key: Key) -> list[dict[str, Any]]:
+    """Every example of ``key`` in its place in a config file.
+
+    A key's ``x-example-with`` names the sibling keys its examples need that the schema cannot
+    call required (a mode, a queue type): one mapping for every example, or a list of them, one
+    per example (``null`` for none).
+    """
+    examples = key.node.get("examples", ())
+    needs = key.node.get(EXAMPLE_WITH) or {}
+    per_example = needs if isinstance(needs, list) else [needs] * len(examples)
+    return [
+        example_document(schema, key, value, with_=extra or {})
+        for value, extra in zip(examples, per_example, strict=True)
+    ]
+
+
+def example_document(
+    schema: Mapping[str, Any], key: Key, value: Any, *, with_: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``value`` for ``key`` in its place in a config file, with the keys its tables require
+    and the siblings ``with_`` names."""
     inner: Any = _as_structure(schema, key.node, value)
     name = key.name
+    needs: Mapping[str, Any] = with_ or {}
     for frame in reversed(key.frames):
         required = set(frame.table.get("required", ()))
         table = Table()
-        for sibling, node in frame.table["properties"].items():
+        properties = frame.table["properties"]
+        for sibling, node in properties.items():
             if sibling == name:
+                for other, other_value in needs.items():
+                    table[other] = _as_structure(schema, properties[other], other_value)
                 table[sibling] = inner
             elif sibling in required and (example := _first_example(schema, node)) is not None:
                 table[sibling] = example
+        needs = {}
         inner = [table] if frame.array else table
         name = frame.name
     return {name: inner}
@@ -426,8 +452,8 @@ def _key_markdown(schema: Mapping[str, Any], key: Key) -> list[str]:
 
 def _examples(schema: Mapping[str, Any], key: Key) -> list[str]:
     lines: list[str] = []
-    for value in key.node.get("examples", ()):
-        lines += ["```toml", toml_document(example_document(schema, key, value)).rstrip(), "```"]
+    for document in example_documents(schema, key):
+        lines += ["```toml", toml_document(document).rstrip(), "```"]
     return [*lines, ""] if lines else []
 
 

@@ -16,15 +16,18 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.configdoc import (
+    EXAMPLE_WITH,
     MARKDOWN_FILE,
     REGENERATE,
     SCHEMA_FILE,
+    example_documents,
     json_schema,
     markdown,
     missing_docs,
     model_keys,
     resolve,
     schema_text,
+    sections,
 )
 from proxy.errors import ConfigError
 from tests.helpers import REPO, run_cli
@@ -51,6 +54,40 @@ def test_config_md_is_current() -> None:
 def test_schema_file_is_current() -> None:
     current = (REPO / SCHEMA_FILE).read_text(encoding="utf-8")
     assert current == schema_text(), f"{SCHEMA_FILE} {STALE}"
+
+
+# Examples that name a file or a module that cannot exist here: the loader checks them at start.
+NEEDS_THE_MACHINE = ("is not a readable file", "not a readable file", "cannot import")
+# What a per-key example is shown without: the rest of a config the loader needs around it.
+AROUND_AN_EXAMPLE: dict[str, Any] = {
+    "sources": [{"queue": "q"}],
+    "routes": [{"name": "r", "to": [{"stream": "s"}]}],
+    "dead_letter": {"stream": "dl"},
+}
+
+
+def test_every_key_example_in_config_md_loads() -> None:
+    """A user copies a key's example: it must be a valid config, not only schema-valid (a stream
+    offset needs a stream queue, a sentinel key needs the sentinel mode: see EXAMPLE_WITH)."""
+    schema = json_schema()
+    problems = []
+    for section in sections(schema):
+        for key in section.keys:
+            for document in example_documents(schema, key):
+                try:
+                    parse_config({**AROUND_AN_EXAMPLE, **document}, environ={})
+                except ConfigError as exc:
+                    wrong = [
+                        f"{path}: {problem}"
+                        for path, problem in exc.problems
+                        if not any(reason in problem for reason in NEEDS_THE_MACHINE)
+                    ]
+                    problems += [f"{key.path}: {line}" for line in wrong]
+    assert not problems, (
+        f"examples in {MARKDOWN_FILE} that the loader refuses (give the key the siblings its "
+        f"example needs with json_schema_extra={{{EXAMPLE_WITH!r}: ...}}, then run "
+        f"`{REGENERATE}`):\n  " + "\n  ".join(problems)
+    )
 
 
 def _schema_node(schema: dict[str, Any], path: str) -> dict[str, Any] | None:
