@@ -12,6 +12,9 @@ is dropped before the next retry: RabbitMQ has requeued it and delivers it again
 held copy as well would write it twice. Not one from a stream queue: RabbitMQ does not deliver
 it again (the consumer resumes after the recorded offset), so it is written all the same, once,
 by its offset.
+
+A reload hands new rules (routes, dead-letter destination, batching) to ``reconfigure``; they
+take effect between two batches, never inside one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -66,6 +69,17 @@ class DeadLetterDestination:
         return self._build(message)
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a reload may change in the pipeline; applied between two batches."""
+
+    router: Router
+    dead_letter: DeadLetterDestination | None
+    drop_unrouted: bool
+    batch: BatchSettings
+    offsets: OffsetStore | None  # set while some source is a stream queue
+
+
 class Pipeline:
     def __init__(
         self,
@@ -100,6 +114,9 @@ class Pipeline:
         self._wall_clock = wall_clock
         self._pending: list[Delivery] = []
         self._inflight = 0
+        self._batch: list[Delivery] = []  # the batch being flushed
+        self._flushed = asyncio.Event()  # set after every batch
+        self._next_rules: tuple[Rules, asyncio.Future[None]] | None = None
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
@@ -128,12 +145,17 @@ class Pipeline:
             await self._wake.wait()
             while self._pending:
                 await self._wait_for_batch()
-                batch = self._next_batch()
+                if self._next_rules is not None:
+                    self._swap_rules()
+                batch = self._batch = self._next_batch()
                 self._inflight = len(batch)
                 try:
                     await self._flush(batch)
                 finally:
                     self._inflight = 0
+                    self._batch = []
+                    self._flushed.set()
+                    self._flushed.clear()
             self._wake.clear()
             self._full.clear()
             self._idle.set()
@@ -164,6 +186,44 @@ class Pipeline:
         with suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._full.wait()
+
+    # --- reload: new rules between two batches ---
+
+    async def reconfigure(self, rules: Rules) -> None:
+        """Route, dead-letter and batch by ``rules`` from the next batch on; returns once they
+        apply. The batch being written (if any) finishes by the rules it started with."""
+        if not self._batch:
+            self._apply(rules)  # between two batches already: nothing is being written
+            return
+        if self._next_rules is not None:
+            self._next_rules[1].cancel()  # superseded before it applied
+        swapped = asyncio.get_running_loop().create_future()
+        self._next_rules = (rules, swapped)
+        await swapped
+
+    def _swap_rules(self) -> None:
+        if self._next_rules is None:
+            return
+        (rules, swapped), self._next_rules = self._next_rules, None
+        self._apply(rules)
+        if not swapped.done():
+            swapped.set_result(None)
+
+    def _apply(self, rules: Rules) -> None:
+        self._router = rules.router
+        self._dead_letter = rules.dead_letter
+        self._drop_unrouted = rules.drop_unrouted
+        self._max_messages = rules.batch.max_messages
+        self._max_delay = rules.batch.max_delay_ms / 1000
+        self._offsets = rules.offsets
+        if len(self._pending) >= self._max_messages:
+            self._full.set()
+
+    async def settle(self, queues: Collection[str]) -> None:
+        """Return once no delivery from ``queues`` is waiting or being written: each one was
+        acked, rejected, or dropped with its closed channel (RabbitMQ then delivers it again)."""
+        while any(d.message.queue in queues for d in (*self._pending, *self._batch)):
+            await self._flushed.wait()
 
     async def drain(self) -> None:
         """Flush what was received without waiting for batch deadlines; returns when idle."""

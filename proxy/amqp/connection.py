@@ -208,15 +208,19 @@ class AmqpConnection(asyncio.Protocol):
         *,
         passive: bool = False,
         side: bool = False,
-    ) -> None:
-        """Declare a durable queue; ``passive``: only check that it exists."""
+    ) -> spec.Queue.DeclareOk:
+        """Declare a durable queue; ``passive``: only check that it exists. The reply carries
+        the queue's message and consumer counts."""
         method = spec.Queue.Declare(queue=queue, passive=passive, durable=True, arguments=arguments)
-        await self._call(await self._channel(side), method, spec.Queue.DeclareOk)
+        return await self._call(await self._channel(side), method, spec.Queue.DeclareOk)
 
     async def declare_exchange(
-        self, exchange: str, exchange_type: str, *, side: bool = False
+        self, exchange: str, exchange_type: str, *, side: bool = False, passive: bool = False
     ) -> None:
-        method = spec.Exchange.Declare(exchange=exchange, exchange_type=exchange_type, durable=True)
+        """Declare a durable exchange; ``passive``: only check that it exists."""
+        method = spec.Exchange.Declare(
+            exchange=exchange, exchange_type=exchange_type, durable=True, passive=passive
+        )
         await self._call(await self._channel(side), method, spec.Exchange.DeclareOk)
 
     async def bind(

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -115,6 +115,8 @@ class AmqpSource:
         # Strong references: a consumer nobody holds is a consumer silently gone.
         self._consumer_tags: dict[str, str] = {}
         self._retries: dict[str, _Retry] = {}  # queues not consumed, and when to try again
+        # Held while consumers start or stop: the watcher and a reload must not both start one.
+        self._consumers_lock = asyncio.Lock()
         self._health.expect_consumers(len(self._sources))
 
     async def run(self) -> None:
@@ -166,8 +168,7 @@ class AmqpSource:
         )
         connection.on_cancel = self._news.set
         connection.closed.add_done_callback(lambda _: self._news.set())
-        per_consumer = max(1, self._settings.prefetch // len(self._sources))
-        await connection.qos(per_consumer)
+        await connection.qos(self._per_consumer())
         await self._start_consumers(connection)
         self._health.set_broker("amqp", True)
         self._metrics.broker_up.labels(broker="amqp").set(1)
@@ -177,7 +178,14 @@ class AmqpSource:
             display_url(self._settings.url),
         )
 
+    def _per_consumer(self) -> int:
+        return max(1, self._settings.prefetch // max(1, len(self._sources)))
+
     async def _start_consumers(self, connection: AmqpConnection) -> None:
+        async with self._consumers_lock:
+            await self._start_due(connection)
+
+    async def _start_due(self, connection: AmqpConnection) -> None:
         """Start every source not consumed yet whose retry is due; a source whose queue cannot
         be declared or found is retried with backoff and costs the others nothing."""
         live = connection.consumer_tags
@@ -330,13 +338,16 @@ class AmqpSource:
         self._health.set_consumers(self._consumed(connection))
         if connection.reading_paused:
             return  # a request's reply would wait behind the unread deliveries: later
-        try:
-            async with asyncio.timeout(self._settings.connect_timeout):
-                await self._start_consumers(connection)
-        except TimeoutError:  # a request left unanswered: the channel's state is unknown
-            connection.abort(AmqpError("no answer to a request while starting a consumer again"))
-        except AmqpError:
-            pass  # the connection is gone: the watcher sees it next
+        async with self._consumers_lock:  # outside the deadline: a reload may hold it a while
+            try:
+                async with asyncio.timeout(self._settings.connect_timeout):
+                    await self._start_due(connection)
+            except TimeoutError:  # a request left unanswered: the channel's state is unknown
+                connection.abort(
+                    AmqpError("no answer to a request while starting a consumer again")
+                )
+            except AmqpError:
+                pass  # the connection is gone: the watcher sees it next
 
     def _problem(self) -> str:
         connection = self._connection
@@ -351,6 +362,54 @@ class AmqpSource:
             log.warning("amqp: down: %s", detail)
         self._metrics.broker_up.labels(broker="amqp").set(0)
         self._health.set_consumers(0)
+
+    # --- reload: sources added and removed while running ---
+
+    async def add_sources(self, sources: Sequence[Source]) -> None:
+        """Consume ``sources`` too, declared and bound as at start. A source that cannot be
+        consumed yet is retried with backoff, like one at start; without a connection, the next
+        connect starts them with the others."""
+        async with self._consumers_lock:
+            self._sources = (*self._sources, *sources)
+            self._health.expect_consumers(len(self._sources))
+            connection = self._connection
+            if connection is None or connection.is_closed or self._stopping.is_set():
+                return
+            try:
+                async with asyncio.timeout(self._settings.connect_timeout):
+                    # Applies to the consumers started from now on; the running ones keep
+                    # theirs until the next connect.
+                    await connection.qos(self._per_consumer())
+                    await self._start_due(connection)
+            except TimeoutError:  # a request left unanswered: the channel's state is unknown
+                connection.abort(AmqpError("no answer to a request while starting a consumer"))
+            except AmqpError:
+                pass  # the connection is gone: the run loop reconnects and starts every source
+        self._news.set()
+
+    async def remove_sources(self, queues: Collection[str]) -> None:
+        """Stop consuming ``queues``: once this returns RabbitMQ sends nothing more from them.
+        Their deliveries already received stay for the pipeline to settle."""
+        async with self._consumers_lock:
+            self._sources = tuple(s for s in self._sources if s.queue not in queues)
+            self._health.expect_consumers(len(self._sources))
+            tags = [self._consumer_tags.pop(q) for q in queues if q in self._consumer_tags]
+            for queue in queues:
+                self._retries.pop(queue, None)
+            connection = self._connection
+            if connection is None or connection.is_closed:
+                return
+            for tag in tags:
+                if tag not in connection.consumer_tags:
+                    continue
+                try:
+                    cancelled, _ = await bounded(connection.cancel(tag), CLOSE_TIMEOUT_S)
+                except Exception as exc:  # the channel went away: nothing more is delivered
+                    log.warning("amqp: cancelling consumer %s failed: %s", tag, exc)
+                    continue
+                if not cancelled:
+                    log.warning("amqp: cancelling consumer %s timed out", tag)
+            self._health.set_consumers(self._consumed(connection))
 
     async def stop_consuming(self, *, within: float = 5.0) -> None:
         """Cancel the consumers; deliveries already received stay for the pipeline to finish."""

@@ -35,7 +35,7 @@ from proxy.amqp.publisher import Nacked, Outgoing, Publisher, Refused, Result, R
 from proxy.amqp.tables import field_value, integer, short_string
 from proxy.config import AmqpSettings, display_url
 from proxy.encoding import DeadLetterInfo, dead_letter_headers
-from proxy.errors import AmqpError, PermanentError, TransientError
+from proxy.errors import AmqpError, ChannelClosed, PermanentError, TransientError
 from proxy.message import HOPS_HEADER, Message
 from proxy.routing import ExchangeTarget
 from proxy.sinks import Outcome, Publish
@@ -172,6 +172,28 @@ class AmqpExchangeSink:
         self._state = _Down("closed", time.monotonic())
         if isinstance(state, _Up):
             await self._drop(state, "closed")
+
+    async def declare_too(self, exchanges: Sequence[str]) -> None:
+        """Declare each of ``exchanges`` not declared yet now (a reload added them), and all of
+        them on every connect from now on. On the connection's side channel, so a refusal costs
+        nothing else. Raises ``TransientError`` while the broker cannot be reached, and
+        ``PermanentError`` with the broker's reason when it refuses one; the list of exchanges
+        declared on connect is then left as it was."""
+        wanted = tuple(dict.fromkeys(exchanges))
+        new = [name for name in wanted if name not in self._declare]
+        if new:
+            up = await self._link()
+            for name in new:
+                try:
+                    async with asyncio.timeout(self._settings.connect_timeout):
+                        await up.publisher.connection.declare_exchange(name, "topic", side=True)
+                except ChannelClosed as exc:
+                    raise PermanentError(
+                        "rejected", f"exchange {name!r}: {exc.reply_code} {exc.reply_text}"
+                    ) from None
+                except (AmqpError, TimeoutError) as exc:
+                    raise TransientError(f"amqp_out: declaring {name!r}: {_text(exc)}") from exc
+        self._declare = wanted
 
     # --- connection ---
 
