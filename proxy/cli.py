@@ -1,4 +1,4 @@
-"""``message-proxy run | check | route | schema``: the command line.
+"""``message-proxy run | check | route | reload | schema``: the command line.
 
 Exit codes: 0 clean stop, 2 usage or config error, 1 fatal runtime error.
 """
@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from proxy.config import (
     display_url,
     load_config,
 )
+from proxy.control import read_pid_file, remove_pid_file, send_reload, write_pid_file
 from proxy.errors import ConfigError
 from proxy.message import Message
 from proxy.routing import Rejected, Router, StreamTarget, Target
@@ -65,6 +67,23 @@ def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
     route.add_argument("--message-id", default=None)
     route.add_argument("--body", default="", help="the body, or @FILE to read it from a file")
     route.add_argument("--json", action="store_true", help="print the result as JSON")
+    reload = commands.add_parser(
+        "reload", help="make a running worker read its config file again (SIGHUP)"
+    )
+    reload.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    which = reload.add_mutually_exclusive_group()
+    which.add_argument("--pid", type=int, help="the worker's process id")
+    which.add_argument("--pid-file", help="the file the worker wrote its pid to")
+    reload.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the worker's result, read from its sidecar (default 30)",
+    )
+    reload.add_argument(
+        "--no-wait", action="store_true", help="send the signal and return at once"
+    )
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
     schema.add_argument(
         "--markdown", action="store_true", help="print the config reference (docs/CONFIG.md)"
@@ -75,9 +94,10 @@ def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser("message-proxy", role_only=False).parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "run": lambda a: run_worker(_load(a), role="all"),
+        "run": lambda a: _run(a, role="all"),
         "check": lambda a: check(_load(a)),
         "route": lambda a: dry_run(_load(a), a),
+        "reload": reload,
         "schema": print_schema,
     }
     return _guarded(lambda: commands[args.command](args))
@@ -85,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def role_main(role: str, argv: Sequence[str] | None = None) -> int:
     args = _parser(f"python -m workers.{role.replace('-', '_')}", role_only=True).parse_args(argv)
-    return _guarded(lambda: run_worker(_load(args), role=role))
+    return _guarded(lambda: _run(args, role=role))
+
+
+def _run(args: argparse.Namespace, *, role: str) -> int:
+    path = config_path(args.config)
+    return run_worker(load_config(path), role=role, load=partial(load_config, path))
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -125,7 +150,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_worker(config: Config, *, role: str) -> int:
+def run_worker(
+    config: Config, *, role: str, load: Callable[[], Config] | None = None
+) -> int:
+    """Run a worker until it is stopped; ``load`` reads the config again on SIGHUP."""
     from proxy.logs import configure_logging
     from proxy.metrics import Metrics
     from proxy.sidecar import Sidecar
@@ -150,13 +178,21 @@ def run_worker(config: Config, *, role: str) -> int:
         return EXIT_FATAL
     log.info("message-proxy %s starting as %s", __version__, role)
     try:
+        if config.pid_file is not None:
+            try:
+                write_pid_file(config.pid_file)
+            except OSError as exc:
+                log.error("cannot write the pid file %s: %s", config.pid_file, exc.strerror)
+                return EXIT_FATAL
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, role, metrics, health, sinks))
+            return runner.run(_serve(config, role, metrics, health, sinks, load))
     except Exception as exc:
         log.error("fatal: %s: %s", type(exc).__name__, exc)
         log.debug("fatal error", exc_info=True)
         return EXIT_FATAL
     finally:
+        if config.pid_file is not None:
+            remove_pid_file(config.pid_file)
         sidecar.stop()
 
 
@@ -166,10 +202,11 @@ async def _serve(
     metrics: Metrics,
     health: HealthState,
     sinks: dict[type[Target], Sink],
+    load: Callable[[], Config] | None,
 ) -> int:
     from proxy.worker import Worker, install_signal_handlers
 
-    worker = Worker(config, role=role, metrics=metrics, health=health, sinks=sinks)
+    worker = Worker(config, role=role, metrics=metrics, health=health, sinks=sinks, load=load)
     main_task = asyncio.create_task(worker.run(), name="worker")
     install_signal_handlers(worker, main_task)
     try:
@@ -227,6 +264,27 @@ def check(config: Config) -> int:
     print(f"unrouted: {config.unrouted}")
     print("config OK")
     return EXIT_OK
+
+
+# --- reload ---------------------------------------------------------------------------------
+
+
+def reload(args: argparse.Namespace) -> int:
+    """Validate the file here first: a file the worker would refuse is not sent at all."""
+    config = None
+    if args.config or os.environ.get("MESSAGE_PROXY_CONFIG") or args.pid is None:
+        config = _load(args)
+    if args.pid is not None:
+        pid = args.pid
+    elif args.pid_file is not None:
+        pid = read_pid_file(args.pid_file)
+    elif config is not None and config.pid_file is not None:
+        pid = read_pid_file(config.pid_file)
+    else:
+        raise ConfigError(
+            "--pid", "which worker? give --pid PID or --pid-file FILE, or set pid_file in the file"
+        )
+    return send_reload(pid, config, wait=None if args.no_wait else args.wait)
 
 
 # --- schema ------------------------------------------------------------------------------------

@@ -963,6 +963,16 @@ class Config(Frozen):
         ),
         examples=[25],
     )
+    pid_file: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "A file the worker writes its process id to at start (and removes at a clean "
+            "stop), so that `message-proxy reload --config FILE` finds the worker to send "
+            "SIGHUP to. Without it, `reload` needs `--pid`. Read once at start."
+        ),
+        examples=["/run/message-proxy/worker.pid"],
+    )
     max_message_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1,
@@ -1064,6 +1074,25 @@ class Config(Frozen):
     def needs_redis(self) -> bool:
         """Stream destinations write to Redis; stream sources keep their offsets there."""
         return self.uses_streams() or bool(self.stream_sources())
+
+    def first_stream_key(self) -> str:
+        """The key of the first thing that needs Redis, for messages about it."""
+        for index, route in enumerate(self.routes):
+            for position, destination in enumerate(route.to):
+                if isinstance(destination, StreamDestination):
+                    return f"routes[{index}].to[{position}]"
+        if self.dead_letter is not None and self.dead_letter.stream is not None:
+            return "dead_letter.stream"
+        streams = [index for index, source in enumerate(self.sources) if source.is_stream]
+        return f"sources[{streams[0]}]" if streams else "dead_letter.stream"
+
+    def first_exchange_key(self) -> str:
+        """The key of the first exchange destination, for messages about it."""
+        for index, route in enumerate(self.routes):
+            for position, destination in enumerate(route.to):
+                if isinstance(destination, ExchangeDestination):
+                    return f"routes[{index}].to[{position}]"
+        return "dead_letter.exchange"
 
     def uses_exchanges(self) -> bool:
         dead_letter_exchange = (

@@ -105,3 +105,15 @@ def configure_logging(level: str | int = "INFO", *, stream: TextIO | None = None
     # Python warnings (e.g. "coroutine ... was never awaited" when a failed connect is
     # garbage-collected) too, instead of plain text on stderr.
     logging.captureWarnings(True)
+
+
+def set_level(level: str | int) -> None:
+    """A new ``log_level`` for a running worker (a reload); ``MESSAGE_PROXY_LOG_LEVEL`` still
+    wins. Only where ``configure_logging`` installed the handler: an embedding program's own
+    logging is left alone."""
+    from_env = os.environ.get(LEVEL_ENV)
+    resolved = _parse_level(from_env, LEVEL_ENV) if from_env else _parse_level(level, "log_level")
+    for name in (*LOGGERS, *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        if any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
+            logger.setLevel(resolved if name in LOGGERS else max(resolved, logging.WARNING))

@@ -18,6 +18,7 @@ PREFIX = "message_proxy"
 
 BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+RELOAD_RESULTS = ("applied", "unchanged", "rejected")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -55,6 +56,14 @@ class Metrics:
         self.reconnects = counter(
             "reconnects", "Connection attempts after a loss, by broker.", ("broker",)
         )
+        self.config_reloads = counter(
+            "config_reloads",
+            "Config reloads (SIGHUP), by result: applied, unchanged or rejected (the running "
+            "config kept).",
+            ("result",),
+        )
+        for result in RELOAD_RESULTS:  # present from the start: a dashboard sees 0, not nothing
+            self.config_reloads.labels(result=result)
         self.duplicates_suppressed = counter(
             "duplicates_suppressed", "Stream writes skipped because the message id was seen."
         )

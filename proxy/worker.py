@@ -8,13 +8,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from proxy.amqp.consumer import AmqpSource
 from proxy.config import Config, StreamDestination
-from proxy.errors import ConfigError, TransientError
+from proxy.errors import ConfigError, PermanentError, TransientError
+from proxy.logs import set_level
 from proxy.metrics import Metrics
-from proxy.pipeline import DeadLetterDestination, Pipeline
+from proxy.pipeline import DeadLetterDestination, Pipeline, Rules
+from proxy.reload import describe, plan_reload
 from proxy.routing import ExchangeTarget, Router, StreamTarget, Target
 from proxy.sinks import OffsetStore, Sink
 from proxy.state import HealthState
@@ -96,7 +98,7 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
         except ImportError as exc:
             what = "stream destinations" if config.uses_streams() else "stream-queue sources"
             raise ConfigError(
-                _first_stream_key(config),
+                config.first_stream_key(),
                 f"{what} need the redis package ({exc}); install message-proxy[redis]",
             ) from None
 
@@ -117,17 +119,6 @@ def build_sinks(config: Config, role: str) -> dict[type[Target], Sink]:
     return sinks
 
 
-def _first_stream_key(config: Config) -> str:
-    for index, route in enumerate(config.routes):
-        for position, destination in enumerate(route.to):
-            if isinstance(destination, StreamDestination):
-                return f"routes[{index}].to[{position}]"
-    if config.dead_letter is not None and config.dead_letter.stream is not None:
-        return "dead_letter.stream"
-    streams = [index for index, source in enumerate(config.sources) if source.is_stream]
-    return f"sources[{streams[0]}]" if streams else "dead_letter.stream"
-
-
 class Worker:
     def __init__(
         self,
@@ -138,25 +129,28 @@ class Worker:
         health: HealthState,
         sinks: Mapping[type[Target], Sink] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        load: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.role = role
         self.metrics = metrics
         self.health = health
         self.sinks = dict(sinks) if sinks is not None else build_sinks(config, role)
-        offsets = self.sinks.get(StreamTarget) if config.stream_sources() else None
-        if offsets is not None and not isinstance(offsets, OffsetStore):
-            raise TypeError(f"stream sources need an offset store, not {offsets!r}")
+        if config.stream_sources() and self._offset_store() is None:
+            raise TypeError(f"stream sources need an offset store, not {self.sinks}")
+        self._load = load  # reads the config file again, for a reload; None: no reloads
+        self._reload_requested = asyncio.Event()
+        rules = self._rules(config)
         self.pipeline = Pipeline(
-            Router.from_config(config),
+            rules.router,
             self.sinks,
             batch=config.batch,
             health=health,
             metrics=metrics,
-            dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
-            drop_unrouted=config.unrouted == "drop",
+            dead_letter=rules.dead_letter,
+            drop_unrouted=rules.drop_unrouted,
             max_batch_bytes=config.amqp.max_inflight_bytes // BATCH_SHARE_OF_INFLIGHT,
-            offsets=offsets,
+            offsets=rules.offsets,
             clock=clock,
         )
         self.source = AmqpSource(
@@ -167,16 +161,34 @@ class Worker:
             metrics=metrics,
             connection_name=f"message-proxy {role}",
             clock=clock,
-            offsets=offsets,
+            offsets=self._offset_store(),
         )
         self.stop_requested = asyncio.Event()
+        self._reloader: asyncio.Task[None] | None = None
+
+    def _offset_store(self) -> OffsetStore | None:
+        """Where stream-queue sources keep their offsets: the stream sink, when it can."""
+        store = self.sinks.get(StreamTarget)
+        return store if isinstance(store, OffsetStore) else None
+
+    def _rules(self, config: Config) -> Rules:
+        return Rules(
+            router=Router.from_config(config),
+            dead_letter=DeadLetterDestination(config.dead_letter) if config.dead_letter else None,
+            drop_unrouted=config.unrouted == "drop",
+            batch=config.batch,
+            # Offset bookkeeping per batch only while some source is a stream queue.
+            offsets=self._offset_store() if config.stream_sources() else None,
+        )
 
     async def run(self) -> None:
         """Run until ``stop_requested`` is set, then shut down in order. Raises on a fatal bug."""
+        self._reloader = asyncio.create_task(self._reloads(), name="reloads")
         tasks = {
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._watch_sinks(), name="watch-sinks"),
             asyncio.create_task(self.source.run(), name="amqp-source"),
+            self._reloader,
         }
         flusher = asyncio.create_task(self.pipeline.run(), name="pipeline")
         stop = asyncio.create_task(self.stop_requested.wait(), name="stop")
@@ -198,6 +210,9 @@ class Worker:
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
         self.health.stopping()
+        if self._reloader is not None:  # a reload half done must not start consumers now
+            self._reloader.cancel()
+            await asyncio.wait({self._reloader}, timeout=CLOSE_TIMEOUT_S)
         log.info("stopping: no new deliveries; draining %d in flight", self.pipeline.pending)
         await self.source.stop_consuming(within=CLOSE_TIMEOUT_S)
         drained, _ = await bounded(self.pipeline.drain(), self.config.shutdown_timeout)
@@ -219,6 +234,94 @@ class Worker:
                 if not closed:
                     log.warning("%s: close timed out", sink.broker)
         await self.source.aclose()
+
+    # --- reload ---
+
+    def request_reload(self) -> None:
+        """Read the config file again and apply it (SIGHUP); requests made while one runs are
+        taken together, by one more reload once it is done."""
+        self._reload_requested.set()
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a reload must not end the worker
+                log.error("config reload failed: %s: %s", type(exc).__name__, exc)
+                log.debug("config reload failed", exc_info=True)
+                self.metrics.config_reloads.labels(result="rejected").inc()
+
+    async def reload(self) -> str:
+        """Apply the config file as it is now, or keep the running config; returns the result
+        (``applied``, ``unchanged``, ``rejected``), which is also counted and logged."""
+        if self._load is None:
+            return self._rejected([("", "this worker was started without a config file")])
+        try:
+            new = await asyncio.to_thread(self._load)
+            check_role(new, self.role)
+        except ConfigError as exc:
+            return self._rejected(exc.problems)
+        plan = plan_reload(self.config, new, destination_kinds=self._destination_kinds())
+        if plan.problems:
+            return self._rejected(plan.problems)
+        if plan.unchanged:
+            log.info("config reload: nothing changed")
+            self.metrics.config_reloads.labels(result="unchanged").inc()
+            return "unchanged"
+        refused = await self._declare_new_exchanges(new)
+        if refused:
+            return self._rejected([refused])
+        if plan.removed:
+            log.info(
+                "config reload: stopping %s; what they delivered is written by the running "
+                "config first",
+                ", ".join(plan.removed),
+            )
+            await self.source.remove_sources(plan.removed)
+            await self.pipeline.settle(plan.removed)
+        await self.pipeline.reconfigure(self._rules(new))
+        if new.log_level != self.config.log_level:
+            set_level(new.log_level)
+        self.config = new
+        log.info("config reload applied: %s", describe(plan))
+        if plan.added:
+            await self.source.add_sources(plan.added)
+        self.metrics.config_reloads.labels(result="applied").inc()
+        return "applied"
+
+    def _destination_kinds(self) -> set[str]:
+        kinds = set()
+        if StreamTarget in self.sinks:
+            kinds.add("stream")
+        if ExchangeTarget in self.sinks:
+            kinds.add("exchange")
+        return kinds
+
+    async def _declare_new_exchanges(self, new: Config) -> tuple[str, str] | None:
+        """Declare the ``declare = true`` exchanges the new file adds; the problem if one cannot
+        be, now: a reload never leaves the worker retrying a declaration forever."""
+        from proxy.sinks.amqp_exchange import AmqpExchangeSink
+
+        sink = self.sinks.get(ExchangeTarget)
+        if not isinstance(sink, AmqpExchangeSink):
+            return None
+        try:
+            await sink.declare_too(new.declared_exchanges())
+        except PermanentError as exc:
+            return ("declare", f"refused by the broker: {exc.detail}")
+        except TransientError as exc:
+            return ("declare", f"cannot declare the new exchanges now ({exc}); reload again")
+        return None
+
+    def _rejected(self, problems: Sequence[tuple[str, str]]) -> str:
+        text = "; ".join(f"{key}: {problem}" if key else problem for key, problem in problems)
+        log.error("config reload rejected, the running config is kept: %s", text)
+        self.metrics.config_reloads.labels(result="rejected").inc()
+        return "rejected"
 
     async def _heartbeat(self) -> None:
         while True:
@@ -277,3 +380,11 @@ def install_signal_handlers(worker: Worker, main_task: asyncio.Task[None]) -> No
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+
+    def on_hangup() -> None:
+        if worker.stop_requested.is_set():
+            return  # stopping: no reload
+        log.info("SIGHUP received: reloading the config")
+        worker.request_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
