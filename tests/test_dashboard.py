@@ -162,6 +162,7 @@ def test_the_dashboard_shows_what_an_operator_needs(dashboard: dict[str, Any]) -
         r"sum by \(destination, error\) \(rate\(message_proxy_publish_errors_total",
         r"message_proxy_broker_up",
         r"message_proxy_ready",
+        r"sum by \(result\) \(increase\(message_proxy_config_reloads_total",
     ]
     for pattern in needed:
         assert re.search(pattern, queries), pattern
