@@ -166,6 +166,7 @@ def run_worker(
     metrics = Metrics(registry, role=role, version=__version__)
     health = HealthState()
     metrics.ready.follow(lambda: health.snapshot().is_ready())
+    metrics.broker_node.follow(lambda: health.snapshot().nodes())
     sidecar = Sidecar(
         host=config.health.host, port=config.health.port, state=health, registry=registry
     )
@@ -228,9 +229,9 @@ def _describe_destination(destination: Any) -> str:
 
 
 def check(config: Config) -> int:
-    print(f"amqp: {display_url(config.amqp.url)} (prefetch {config.amqp.prefetch})")
+    print(f"amqp: {config.amqp.display()} (prefetch {config.amqp.prefetch})")
     if config.amqp_out is not None:
-        print(f"amqp_out: {display_url(config.amqp_out.url)}")
+        print(f"amqp_out: {config.amqp_out.display()}")
     if config.needs_redis():
         redis = config.redis
         nodes = redis.sentinels if redis.mode == "sentinel" else redis.urls()

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -88,11 +89,51 @@ def display_url(url: SecretStr) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def _check_amqp_url(value: SecretStr) -> SecretStr:
+    _check_url(value, ("amqp", "amqps"))
+    _check_amqp_query(value)
+    return value
+
+
+def _one_or_many(value: Any) -> str:
+    return "list" if isinstance(value, list | tuple) else "single"
+
+
+def _vhost_of(url: SecretStr) -> str:
+    path = urlsplit(url.get_secret_value()).path
+    return unquote(path[1:]) if path not in ("", "/") else "/"
+
+
+def _one_vhost(urls: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+    """The nodes of one cluster serve one vhost: stream offsets and the consumed queues are
+    named by it."""
+    vhosts = [_vhost_of(url) for url in urls]
+    for index, vhost in enumerate(vhosts):
+        if vhost != vhosts[0]:
+            raise ValueError(
+                f"every node's URL must name the same vhost: url[0] names {vhosts[0]!r}, "
+                f"url[{index}] {vhost!r}"
+            )
+    return urls
+
+
+AmqpUrl = Annotated[SecretStr, AfterValidator(_check_amqp_url)]
+# One URL or a list of them (a cluster's nodes). The tags tell pydantic which shape it was given;
+# config_errors leaves them out of the key it names: `amqp.url`, `amqp.url[1]`.
+AmqpUrls = Annotated[
+    Annotated[AmqpUrl, Tag("single")]
+    | Annotated[
+        tuple[AmqpUrl, ...], Field(min_length=1), AfterValidator(_one_vhost), Tag("list")
+    ],
+    Discriminator(_one_or_many),
+]
+
+
 class AmqpSettings(Frozen):
     """The RabbitMQ connection: where the worker consumes from, and publishes to unless
     ``[amqp_out]`` names another broker."""
 
-    url: SecretStr = Field(
+    url: AmqpUrls = Field(
         SecretStr(DEFAULT_AMQP_URL),
         description=(
             "The broker's URL: `amqp://user:password@host:port/vhost`, or `amqps://` for TLS "
@@ -103,12 +144,22 @@ class AmqpSettings(Frozen):
             "certificate for mutual TLS), `server_name` (the name the broker's certificate must "
             "carry, also sent as SNI, when it is not the host in the URL), `no_verify_ssl=1` "
             "(skip verification: testing only). "
-            "The files must exist when the worker starts. The password is a secret: it is "
-            "masked in logs, errors and `check` output."
+            "The files must exist when the worker starts. "
+            "For a RabbitMQ cluster, a list of URLs, one per node (same vhost in each): every "
+            "worker process tries them in its own shuffled order, so replicas spread over the "
+            "nodes, and goes on with the next one when its connection is lost or refused; the "
+            "backoff waits only once every node was tried. From the environment a list is "
+            "written as TOML: `MESSAGE_PROXY_AMQP__URL='[\"amqp://...\", \"amqp://...\"]'`. "
+            "The password is a secret: it is masked in logs, errors and `check` output."
         ),
         examples=[
             "amqp://app:secret@rabbit.internal:5672/%2F",
             "amqps://app:secret@rabbit.internal:5671/prod?cafile=/etc/ssl/rabbit-ca.pem",
+            [
+                "amqp://app:secret@rabbit-1.internal:5672/%2F",
+                "amqp://app:secret@rabbit-2.internal:5672/%2F",
+                "amqp://app:secret@rabbit-3.internal:5672/%2F",
+            ],
         ],
     )
     prefetch: int = Field(
@@ -173,23 +224,13 @@ class AmqpSettings(Frozen):
         examples=[16 * 1024 * 1024],
     )
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: SecretStr) -> SecretStr:
-        _check_url(value, ("amqp", "amqps"))
-        _check_amqp_query(value)
-        return value
+    def urls(self) -> tuple[SecretStr, ...]:
+        """The nodes' URLs, in the order written."""
+        return self.url if isinstance(self.url, tuple) else (self.url,)
 
-    def connection_url(self) -> str:
-        """The URL to connect with: ``heartbeat`` added unless the URL sets its own."""
-        raw = self.url.get_secret_value()
-        parts = urlsplit(raw)
-        if "heartbeat=" in parts.query:
-            return raw
-        query = f"{parts.query}&heartbeat={self.heartbeat}" if parts.query else (
-            f"heartbeat={self.heartbeat}"
-        )
-        return parts._replace(query=query).geturl()
+    def display(self) -> str:
+        """Every URL with its password masked: safe for logs, errors and ``check`` output."""
+        return ", ".join(display_url(url) for url in self.urls())
 
 
 def _check_tls_file(value: str | None) -> str | None:
@@ -1160,9 +1201,8 @@ def _check_unique_route_names(config: Config) -> None:
 
 
 def amqp_vhost(settings: AmqpSettings) -> str:
-    """The vhost of the AMQP URL, as the connection reads it."""
-    path = urlsplit(settings.url.get_secret_value()).path
-    return unquote(path[1:]) if path not in ("", "/") else "/"
+    """The vhost of the AMQP URLs (one for every node), as the connection reads it."""
+    return _vhost_of(settings.urls()[0])
 
 
 def _check_stream_sources(config: Config) -> None:

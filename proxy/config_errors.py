@@ -46,7 +46,11 @@ _NEEDS_ONE = {
     "to": "a route needs at least one destination",
     "sources": "at least one [[sources]] table is needed",
     "routes": "at least one [[routes]] table is needed",
+    "url": "needs at least one URL",
 }
+# The union tags of a key that takes one value or an array of them (``[amqp] url``): which shape
+# was given, not a key the user wrote.
+SHAPE_TAGS = frozenset({"single", "list"})
 
 
 def models_in(
@@ -131,8 +135,9 @@ def _set_by(
     """The environment variables behind the value at ``loc`` (with the key path each sets): the
     one that set it, or those that created the table when the file has no such key."""
     path = tuple(str(part) for part in loc)
-    if path in origins:
-        return [(path, origins[path])]
+    for depth in range(len(path), 0, -1):  # the value itself, or the array it is an item of
+        if path[:depth] in origins:
+            return [(path[:depth], origins[path[:depth]])]
     if _in_data(file_data, loc):
         return []
     return [(key, name) for key, name in origins.items() if key[: len(path)] == path]
@@ -154,8 +159,20 @@ def _suggestion(
     return f"; did you mean {close[0]!r}?"
 
 
+def _written(error: ErrorDetails) -> Loc:
+    """The error's location as keys and indices the user wrote."""
+    shapes = SHAPE_TAGS if error["type"] != "extra_forbidden" else frozenset()
+    return tuple(
+        part
+        for part in error["loc"]
+        if not str(part).startswith("function-") and part not in shapes
+    )
+
+
 def _problem(error: ErrorDetails, loc: Loc) -> str:
     kind = error["type"]
+    if kind == "string_type" and "single" in error["loc"]:
+        return "must be a string, or an array of strings"
     if kind == "too_short" and loc and str(loc[-1]) in _NEEDS_ONE:
         return _NEEDS_ONE[str(loc[-1])]
     if kind in _PLAIN:
@@ -175,10 +192,7 @@ def problems(
     """Every leaf problem of ``exc`` (a failed item also fails its container: only the item's
     problem is listed), at most ``MAX_PROBLEMS`` of them and then how many more there are."""
     errors = exc.errors(include_input=False, include_url=False)
-    located = [
-        (tuple(p for p in error["loc"] if not str(p).startswith("function-")), error)
-        for error in errors
-    ]
+    located = [(_written(error), error) for error in errors]
     locs = [loc for loc, _ in located]
     leaves = [
         (loc, error)

@@ -412,10 +412,16 @@ def describe_type(schema: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
         return "table"
     if kind == "array":
         items = node.get("items", {})
-        noun = "tables" if _alternatives(schema, node) else describe_type(schema, items) + "s"
+        noun = "tables" if _alternatives(schema, node) else _plural(describe_type(schema, items))
         least = f", at least {node['minItems']}" if node.get("minItems") else ""
         return f"array of {noun}{least}"
     return "any value"
+
+
+def _plural(kind: str) -> str:
+    """``string`` -> ``strings``; ``string (secret)`` -> ``strings (secret)``."""
+    item, paren, note = kind.partition(" (")
+    return f"{item}s{paren}{note}"
 
 
 def _default(key: Key) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -122,6 +122,11 @@ class Metrics:
         self.ready = ReadinessGauge(
             f"{PREFIX}_ready", "1 while GET /ready answers 200, else 0.", registry
         )
+        self.broker_node = NodeInfo(
+            f"{PREFIX}_broker_node_info",
+            "1 for the node (host:port) each connected AMQP broker is on; no series while down.",
+            registry,
+        )
 
 
 class ReadinessGauge:
@@ -146,6 +151,33 @@ class ReadinessGauge:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         value = 1.0 if self._is_ready() else 0.0
         yield GaugeMetricFamily(self._name, self._documentation, value=value)
+
+
+class NodeInfo:
+    """``{broker, node}`` series read from the health snapshot when scraped, like readiness.
+
+    Only the node each broker is on now has a series, so a worker that moved to another node
+    leaves no old series behind at 1 (a gauge set by the loop would keep one per node ever
+    used). ``broker_up{broker}`` stays as it was: its alerts and panels keep working.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._nodes: Callable[[], Mapping[str, str]] = dict
+        registry.register(self)
+
+    def follow(self, nodes: Callable[[], Mapping[str, str]]) -> None:
+        self._nodes = nodes
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self._name, self._documentation, labels=("broker", "node"))]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=("broker", "node"))
+        for broker, node in sorted(self._nodes().items()):
+            family.add_metric((broker, node), 1.0)
+        yield family
 
 
 class BatchHistogram:

@@ -447,7 +447,7 @@ class Pipeline:
                 if not items:
                     return ([], []), False
                 continue
-            if self._health.set_broker(sink.broker, True):
+            if self._health.set_broker(sink.broker, True, node=sink.node):
                 self._metrics.broker_up.labels(broker=sink.broker).set(1)
                 log.info("%s: accepting again", sink.broker)
             for (_, item), outcome in zip(items, outcomes, strict=True):

@@ -138,10 +138,14 @@ class Sidecar:
         return _json(503, {"status": "stalled", "heartbeat_age_s": age})
 
     def _ready(self) -> Reply:
-        down = self._state.snapshot().problems()
-        if not down:
-            return _json(200, {"status": "ready"})
-        return _json(503, {"status": "not-ready", "down": down})
+        snapshot = self._state.snapshot()
+        down = snapshot.problems()
+        body: dict[str, object] = (
+            {"status": "ready"} if not down else {"status": "not-ready", "down": down}
+        )
+        if nodes := snapshot.nodes():  # which node each AMQP connection is on: host:port only
+            body["nodes"] = nodes
+        return _json(200 if not down else 503, body)
 
     def _metrics(self) -> Reply:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)

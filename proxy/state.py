@@ -22,6 +22,7 @@ class BrokerState:
     up: bool
     since: float  # monotonic time of the last change
     detail: str = ""  # why it is down, never a secret
+    node: str = ""  # host:port of the node connected to (when down: last tried); "" if not one
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,10 @@ class Snapshot:
             down["worker"] = "shutting down"
         return down
 
+    def nodes(self) -> dict[str, str]:
+        """The node (host:port) each connected broker is on, for those that name one."""
+        return {name: state.node for name, state in self.brokers.items() if state.up and state.node}
+
     def is_ready(self) -> bool:
         return not self.problems()
 
@@ -81,14 +86,20 @@ class HealthState:
     def set_consumers(self, count: int) -> None:
         self._snapshot = replace(self._snapshot, consumers=count)
 
-    def set_broker(self, name: str, up: bool, detail: str = "") -> bool:
-        """Record a broker's state; returns True when it changed."""
+    def set_broker(self, name: str, up: bool, detail: str = "", *, node: str = "") -> bool:
+        """Record a broker's state (and the node it is on); returns True when it went up or
+        down. A move to another node while up is recorded too, and returns False."""
         current = self._snapshot.brokers.get(name)
-        if current is not None and current.up == up and current.detail == detail:
+        if (
+            current is not None
+            and current.up == up
+            and current.detail == detail
+            and current.node == node
+        ):
             return False
         brokers = dict(self._snapshot.brokers)
         since = current.since if current is not None and current.up == up else self._clock()
-        brokers[name] = BrokerState(up=up, since=since, detail=detail)
+        brokers[name] = BrokerState(up=up, since=since, detail=detail, node=node)
         self._snapshot = replace(self._snapshot, brokers=MappingProxyType(brokers))
         return current is None or current.up != up
 

@@ -341,7 +341,7 @@ class Worker:
                         self.metrics.broker_up.labels(broker=sink.broker).set(0)
                         log.warning("%s: down: %s", sink.broker, detail)
                 else:
-                    if self.health.set_broker(sink.broker, True):
+                    if self.health.set_broker(sink.broker, True, node=sink.node):
                         self.metrics.broker_up.labels(broker=sink.broker).set(1)
                         log.info("%s: up", sink.broker)
             await asyncio.sleep(PING_INTERVAL_S)

@@ -351,16 +351,84 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "expected"),
+    ("amqp", "heartbeat"),
     [
-        pytest.param("amqp://u:p@h/v", "amqp://u:p@h/v?heartbeat=10", id="added"),
-        pytest.param("amqp://u:p@h/v?heartbeat=3", "amqp://u:p@h/v?heartbeat=3", id="url-wins"),
-        pytest.param("amqps://h/v?ssl=1", "amqps://h/v?ssl=1&heartbeat=10", id="kept-query"),
+        pytest.param('url = "amqp://u:p@h/v"', 10, id="default"),
+        pytest.param('url = "amqp://u:p@h/v"\nheartbeat = 30', 30, id="key"),
+        pytest.param('url = "amqp://u:p@h/v?heartbeat=3"\nheartbeat = 30', 3, id="url-wins"),
     ],
 )
-def test_amqp_heartbeat_is_short_by_default(url: str, expected: str) -> None:
-    config = parse(MINIMAL + f'\n[amqp]\nurl = "{url}"\n')
-    assert config.amqp.connection_url() == expected
+def test_amqp_heartbeat_is_short_by_default(amqp: str, heartbeat: int) -> None:
+    from proxy.amqp.nodes import nodes_of
+
+    config = parse(MINIMAL + f"\n[amqp]\n{amqp}\n")
+    assert [node.endpoint.heartbeat for node in nodes_of(config.amqp)] == [heartbeat]
+
+
+# --- [amqp] url: one node or a list of them ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "problem"),
+    [
+        pytest.param('"http://x"', "amqp.url", "scheme must be", id="one-bad-scheme"),
+        pytest.param('["amqp://a", "http://b"]', "amqp.url[1]", "scheme must be", id="bad-scheme"),
+        pytest.param('["amqp://a:5672", "amqp://b:port"]', "amqp.url[1]", "not a valid URL",
+                     id="bad-port"),
+        pytest.param('["amqp://a", "amqp:///v"]', "amqp.url[1]", "has no host", id="no-host"),
+        pytest.param('["amqp://a/?heartbeat=0", "amqp://b"]', "amqp.url[0]", "heartbeat in the URL",
+                     id="heartbeat-off"),
+        pytest.param('["amqps://a/?cafile=/no/such.pem"]', "amqp.url[0]", "cafile in the URL",
+                     id="missing-tls-file"),
+        pytest.param("[]", "amqp.url", "needs at least one URL", id="empty"),
+        pytest.param("5", "amqp.url", "a string, or an array of strings", id="not-a-string"),
+        pytest.param('["amqp://a", 5]', "amqp.url[1]", "must be a string", id="item-not-a-string"),
+        pytest.param('["amqp://a/prod", "amqp://b/test"]', "amqp.url", "the same vhost",
+                     id="two-vhosts"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("section", ["amqp", "amqp_out"])
+def test_each_amqp_url_is_checked_and_named_with_its_index(
+    section: str, url: str, key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(MINIMAL + f"\n[{section}]\nurl = {url}\n")
+    assert caught.value.key == key.replace("amqp", section, 1)
+    assert problem in caught.value.problem
+
+
+def test_a_list_of_amqp_urls_keeps_its_order_and_masks_every_password() -> None:
+    config = parse(
+        MINIMAL + '\n[amqp]\nurl = ["amqp://u:pw-1@a:5672/%2F", "amqps://u:pw-2@b:5671/%2F"]\n'
+    )
+    assert [url.get_secret_value() for url in config.amqp.urls()] == [
+        "amqp://u:pw-1@a:5672/%2F",
+        "amqps://u:pw-2@b:5671/%2F",
+    ]
+    assert config.amqp.display() == "amqp://u:***@a:5672/%2F, amqps://u:***@b:5671/%2F"
+    for shown in (repr(config), str(config.amqp), config.amqp.display()):
+        assert "pw-1" not in shown and "pw-2" not in shown
+
+
+def test_a_list_of_amqp_urls_from_the_environment() -> None:
+    environ = {"MESSAGE_PROXY_AMQP__URL": '["amqp://u:pw@a:5672/%2F", "amqp://u:pw@b:5673/%2F"]'}
+    config = parse(MINIMAL, environ)
+    assert config.amqp.display() == "amqp://u:***@a:5672/%2F, amqp://u:***@b:5673/%2F"
+    environ = {"MESSAGE_PROXY_AMQP__URL": '["amqp://u:pw@a/", "ftp://u:pw@b/"]'}
+    with pytest.raises(ConfigError) as caught:
+        parse(MINIMAL, environ)
+    assert caught.value.key == "amqp.url[1]"
+    assert "set by MESSAGE_PROXY_AMQP__URL" in caught.value.problem
+    assert "pw" not in str(caught.value)
+
+
+def test_check_lists_every_node_with_its_password_masked(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL + '\n[amqp]\nurl = ["amqp://u:pw-1@a/", "amqp://u:pw-2@b/"]\n')
+    result = run_cli(["check", "--config", str(path)])
+    assert result.returncode == 0, result.stderr
+    assert "amqp: amqp://u:***@a/, amqp://u:***@b/ (prefetch 1000)" in result.stdout
+    assert "pw-" not in result.stdout
 
 
 # --- every problem, in words a person can act on ------------------------------------------------

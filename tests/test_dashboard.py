@@ -24,7 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import BatchHistogram, Metrics, ReadinessGauge
+from proxy.metrics import BatchHistogram, Metrics, NodeInfo, ReadinessGauge
 from tests.helpers import (
     AMQP_URL,
     REPO,
@@ -90,6 +90,8 @@ def exercised_registry() -> CollectorRegistry:
             metric.observe_many([0.01, 0.2])
         elif isinstance(metric, ReadinessGauge):
             metric.follow(lambda: True)
+        elif isinstance(metric, NodeInfo):
+            metric.follow(lambda: {"x": "x"})
     return registry
 
 
@@ -161,6 +163,7 @@ def test_the_dashboard_shows_what_an_operator_needs(dashboard: dict[str, Any]) -
         r"sum by \(reason\) \(rate\(message_proxy_messages_dead_lettered_total",
         r"sum by \(destination, error\) \(rate\(message_proxy_publish_errors_total",
         r"message_proxy_broker_up",
+        r"message_proxy_broker_node_info",
         r"message_proxy_ready",
         r"sum by \(result\) \(increase\(message_proxy_config_reloads_total",
     ]

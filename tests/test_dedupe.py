@@ -34,6 +34,7 @@ class NotingSink:
     """Accepts everything; notes what a de-duplicating sink would."""
 
     broker = "redis"
+    node = ""
 
     def __init__(self) -> None:
         self.seen: set[str] = set()

@@ -173,7 +173,8 @@ def test_readiness_follows_rabbitmq_through_a_cut(tmp_path, names):
         tcp_proxy(AMQP) as amqp,
         WorkerProcess(config(names, amqp_url=via(amqp, AMQP_URL)), tmp_path) as worker,
     ):
-        assert ready(worker) == (200, {"status": "ready"})
+        node = f"127.0.0.1:{amqp.port}"  # host:port of the one node, never credentials
+        assert ready(worker) == (200, {"status": "ready", "nodes": {"amqp": node}})
         moves_a_message(worker, names, "before-cut")
 
         amqp.cut()
@@ -181,6 +182,7 @@ def test_readiness_follows_rabbitmq_through_a_cut(tmp_path, names):
         status, body = ready(worker)
         assert status == 503 and body["status"] == "not-ready"
         assert set(body["down"]) >= {"amqp", "consumer"}, body
+        assert body["down"]["amqp"].startswith(f"{node}: "), body
         assert "redis" not in body["down"], body
         assert worker.get("/health")[0] == 200  # a lost broker is not a dead process
         report(f"readiness false {took} ms after the RabbitMQ cut: {body['down']}")

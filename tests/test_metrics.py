@@ -74,3 +74,29 @@ def test_the_ready_gauge_reads_what_ready_answers_at_each_scrape() -> None:
     assert registry.get_sample_value("message_proxy_ready") == 1
     health.stopping()
     assert registry.get_sample_value("message_proxy_ready") == 0
+
+
+def test_the_node_info_follows_each_broker_to_its_node_and_leaves_no_old_series() -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry, role="all", version="0")
+    health = HealthState(clock=lambda: 0.0)
+    metrics.broker_node.follow(lambda: health.snapshot().nodes())
+
+    def series() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["broker"], s.labels["node"]): s.value
+            for family in registry.collect()
+            if family.name == "message_proxy_broker_node_info"
+            for s in family.samples
+        }
+
+    assert series() == {}
+    health.set_broker("amqp", True, node="rabbit-2:5672")
+    health.set_broker("amqp_out", True, node="rabbit-1:5672")
+    health.set_broker("redis", True)  # names no node: no series
+    assert series() == {("amqp", "rabbit-2:5672"): 1, ("amqp_out", "rabbit-1:5672"): 1}
+    health.set_broker("amqp", False, "rabbit-2:5672: connection lost", node="rabbit-2:5672")
+    assert series() == {("amqp_out", "rabbit-1:5672"): 1}  # down: on no node
+    health.set_broker("amqp", True, node="rabbit-3:5672")
+    health.set_broker("amqp_out", True, node="rabbit-3:5672")  # moved while up
+    assert series() == {("amqp", "rabbit-3:5672"): 1, ("amqp_out", "rabbit-3:5672"): 1}

@@ -125,6 +125,24 @@ def test_ready_names_what_is_down(sidecar, state):
     )
 
 
+def test_ready_says_which_node_each_amqp_connection_is_on(sidecar, state):
+    state.set_broker("amqp", True, node="rabbit-2:5672")
+    state.set_broker("amqp_out", True, node="[::1]:5673")
+    state.set_broker("redis", True)
+    assert get_json(sidecar, "/ready") == (
+        200, {"status": "ready", "nodes": {"amqp": "rabbit-2:5672", "amqp_out": "[::1]:5673"}}
+    )
+    state.set_broker("amqp", False, "rabbit-2:5672: connection lost", node="rabbit-2:5672")
+    assert get_json(sidecar, "/ready") == (
+        503,
+        {
+            "status": "not-ready",
+            "down": {"amqp": "rabbit-2:5672: connection lost"},
+            "nodes": {"amqp_out": "[::1]:5673"},
+        },
+    )
+
+
 def test_metrics_are_prometheus_text(sidecar):
     status, headers, body = request(sidecar, "/metrics")
     assert status == 200

@@ -1,5 +1,8 @@
 """The AMQP source: connect, declare, consume; reconnect with backoff when the connection is lost.
 
+With several nodes (a cluster), a lost or refused connection goes on with the next node in this
+process's shuffled order (``nodes``), at once; the backoff waits only once every node failed.
+
 The connection is ``connection``'s, built for this: deliveries are decoded by hand and handed
 to the pipeline synchronously, with no Task and no queue per message. The reconnect loop is ours,
 so that a lost consumer is seen (readiness turns false) and re-created, never silently gone.
@@ -27,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.amqp.connection import AmqpConnection, Consumer
-from proxy.amqp.endpoint import Endpoint
+from proxy.amqp.nodes import Node, NodeRotation, nodes_of
 from proxy.backoff import Backoff
-from proxy.config import AmqpSettings, Source, display_url
+from proxy.config import AmqpSettings, Source, amqp_vhost
 from proxy.errors import AmqpError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.metrics import Metrics
@@ -95,6 +98,7 @@ class AmqpSource:
         connection_name: str = "message-proxy",
         clock: Callable[[], float] = time.monotonic,
         offsets: OffsetStore | None = None,
+        nodes: NodeRotation | None = None,
     ) -> None:
         if offsets is None and any(source.is_stream for source in sources):
             raise ValueError("stream-queue sources need an offset store")
@@ -108,9 +112,8 @@ class AmqpSource:
         self._clock = clock
         self._stopping = asyncio.Event()
         self._news = asyncio.Event()  # wakes the watcher
-        self._endpoint = Endpoint.from_url(
-            settings.url.get_secret_value(), heartbeat=settings.heartbeat
-        )
+        self._nodes = nodes or NodeRotation(nodes_of(settings))
+        self._vhost = amqp_vhost(settings)
         self._connection: AmqpConnection | None = None
         # Strong references: a consumer nobody holds is a consumer silently gone.
         self._consumer_tags: dict[str, str] = {}
@@ -127,12 +130,14 @@ class AmqpSource:
             if not first:
                 self._metrics.reconnects.labels(broker="amqp").inc()
             first = False
+            node = self._nodes.current
             try:
                 # One deadline for the whole set-up, not just the handshake: a broker that accepts
                 # and then hangs on channel, qos, declare or consume is retried, not waited on.
                 async with asyncio.timeout(self._settings.connect_timeout):
-                    await self._connect_and_consume()
+                    await self._connect_and_consume(node)
                 backoff.reset()
+                self._nodes.connected()
                 problem = await self._watch()
             except Exception as exc:
                 # Refused, reset, closed by the broker, TLS, timeout: for this loop every one
@@ -146,10 +151,18 @@ class AmqpSource:
             await self._close_connection()
             if self._stopping.is_set():
                 break
+            if not self._nodes.failed():  # a node of the cluster not tried since: at once
+                log.warning(
+                    "amqp: connection to %s lost or refused: %s; trying %s",
+                    node.shown,
+                    problem,
+                    self._nodes.current.address,
+                )
+                continue
             delay = backoff.next_delay()
             log.warning(
                 "amqp: connection to %s lost or refused; retry %d in %.1fs: %s",
-                display_url(self._settings.url),
+                node.shown,
                 backoff.attempts,
                 delay,
                 problem,
@@ -160,9 +173,9 @@ class AmqpSource:
             except TimeoutError:
                 pass
 
-    async def _connect_and_consume(self) -> None:
+    async def _connect_and_consume(self, node: Node) -> None:
         self._connection = connection = await AmqpConnection.open(
-            self._endpoint,
+            node.endpoint,
             connection_name=self._connection_name,
             max_inflight_bytes=self._settings.max_inflight_bytes,
         )
@@ -170,12 +183,12 @@ class AmqpSource:
         connection.closed.add_done_callback(lambda _: self._news.set())
         await connection.qos(self._per_consumer())
         await self._start_consumers(connection)
-        self._health.set_broker("amqp", True)
+        self._health.set_broker("amqp", True, node=node.address)
         self._metrics.broker_up.labels(broker="amqp").set(1)
         log.info(
             "amqp: consuming %s from %s",
             ", ".join(self._consumer_tags) or "no queue yet",
-            display_url(self._settings.url),
+            node.shown,
         )
 
     def _per_consumer(self) -> int:
@@ -235,7 +248,7 @@ class AmqpSource:
             return await connection.consume(
                 source.queue, self._consumer_for(source.queue, connection)
             )
-        key = source.offset_key_in(self._endpoint.vhost)
+        key = source.offset_key_in(self._vhost)
         recorded = (await self._offsets.read_offsets([key])).get(key)
         start = source.stream_offset
         log.info("amqp: stream queue %s: %s", source.queue, describe_start(start, recorded))
@@ -357,8 +370,11 @@ class AmqpSource:
             return str(connection.closed.result()) if connection.closed.done() else "closed"
         return ""
 
-    def _down(self, detail: str) -> None:
-        if self._health.set_broker("amqp", False, detail):
+    def _down(self, problem: str) -> None:
+        """Down, with the node it was on (or tried) named in ``/ready``."""
+        node = self._nodes.current.address
+        detail = f"{node}: {problem}"
+        if self._health.set_broker("amqp", False, detail, node=node):
             log.warning("amqp: down: %s", detail)
         self._metrics.broker_up.labels(broker="amqp").set(0)
         self._health.set_consumers(0)

@@ -26,6 +26,12 @@ class Endpoint:
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     server_name: str | None = None
 
+    @property
+    def address(self) -> str:
+        """``host:port``: which node this is, safe to show anywhere (no credentials)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
     @classmethod
     def from_url(cls, url: str, *, heartbeat: int) -> Endpoint:
         parts = urlsplit(url)

@@ -53,6 +53,12 @@ class Sink(Protocol):
         """Name used for readiness and the ``broker_up`` metric: ``redis``, ``amqp_out``..."""
         ...
 
+    @property
+    def node(self) -> str:
+        """``host:port`` of the one node it is connected to, shown in ``/ready`` and the
+        ``broker_node_info`` metric; "" while down, or where writes go to more than one node."""
+        ...
+
     async def connect(self) -> None:
         """Open connections; raises ``TransientError`` when the broker cannot be reached."""
         ...

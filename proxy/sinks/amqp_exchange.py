@@ -15,6 +15,10 @@ ours) is found by publishing the unconfirmed rest one at a time, and that one is
 A lost connection, or a confirm slower than ``publish_timeout``, is transient. A connection that
 RabbitMQ blocks (a memory or disk alarm) holds the batch as written, with no deadline and no
 reconnect, and ``ping`` reports it down with the broker's reason until it is unblocked.
+
+With several nodes (a cluster), a connection lost or refused goes on with the next node in this
+process's shuffled order (``proxy.amqp.nodes``); a connect fails only once every node was tried,
+and the caller's backoff applies from there.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from proxy.amqp.endpoint import Endpoint
 from proxy.amqp.frames import content_header, passed_on_header
+from proxy.amqp.nodes import Node, NodeRotation, nodes_of
 from proxy.amqp.publisher import Nacked, Outgoing, Publisher, Refused, Result, Returned
 from proxy.amqp.tables import field_value, integer, short_string
-from proxy.config import AmqpSettings, display_url
+from proxy.config import AmqpSettings
 from proxy.encoding import DeadLetterInfo, dead_letter_headers
 from proxy.errors import AmqpError, ChannelClosed, PermanentError, TransientError
 from proxy.message import HOPS_HEADER, Message
@@ -119,7 +123,7 @@ class _Down:
 @dataclass(slots=True)
 class _Up:
     publisher: Publisher
-    endpoint: Endpoint
+    node: Node
 
 
 class AmqpExchangeSink:
@@ -131,15 +135,12 @@ class AmqpExchangeSink:
         *,
         connection_name: str = "message-proxy publisher",
         declare: Iterable[str] = (),
+        nodes: NodeRotation | None = None,
     ) -> None:
         self._settings = settings
         self._connection_name = connection_name
         self._declare = tuple(dict.fromkeys(declare))
-        # Connected one endpoint at a time, taken in turn: room for one per cluster node.
-        self._endpoints = (
-            Endpoint.from_url(settings.url.get_secret_value(), heartbeat=settings.heartbeat),
-        )
-        self._turn = 0
+        self._nodes = nodes or NodeRotation(nodes_of(settings))
         self._state: _Up | _Down = _Down("not connected yet", time.monotonic())
         self._closed = False
         self._connect_lock = asyncio.Lock()
@@ -148,12 +149,17 @@ class AmqpExchangeSink:
     def __repr__(self) -> str:
         state = self._state
         if isinstance(state, _Up):
-            return f"<AmqpExchangeSink {state.endpoint.host}:{state.endpoint.port}>"
+            return f"<AmqpExchangeSink {state.node.address}>"
         return f"<AmqpExchangeSink down: {state.reason}>"
 
     @property
     def broker(self) -> str:
         return "amqp_out"
+
+    @property
+    def node(self) -> str:
+        state = self._state
+        return state.node.address if isinstance(state, _Up) else ""
 
     async def connect(self) -> None:
         await self._link()
@@ -164,7 +170,10 @@ class AmqpExchangeSink:
         up = await self._link()
         reason = up.publisher.blocked
         if reason is not None:
-            raise TransientError(f"amqp_out: blocked: {reason} (publishes wait until unblocked)")
+            raise TransientError(
+                f"amqp_out: blocked: {reason} (publishes wait until unblocked; "
+                f"on {up.node.address})"
+            )
 
     async def aclose(self) -> None:
         self._closed = True
@@ -209,21 +218,28 @@ class AmqpExchangeSink:
                 raise TransientError("amqp_out: the sink is closed")
             if isinstance(state, _Up):
                 await self._drop(state, _closed_reason(state.publisher))
-            self._state = up = await self._open(self._next_endpoint())
-            log.info("amqp_out: connected to %s", display_url(self._settings.url))
-            return up
+            while True:  # every node once, in this process's order, before the caller backs off
+                node = self._nodes.current
+                try:
+                    up = await self._open(node)
+                except TransientError as exc:
+                    if self._nodes.failed():
+                        raise
+                    log.warning("amqp_out: %s; trying %s", exc, self._nodes.current.address)
+                    continue
+                self._nodes.connected()
+                self._state = up
+                log.info("amqp_out: connected to %s", node.shown)
+                return up
 
-    def _next_endpoint(self) -> Endpoint:
-        endpoint = self._endpoints[self._turn % len(self._endpoints)]
-        self._turn += 1
-        return endpoint
-
-    async def _open(self, endpoint: Endpoint) -> _Up:
+    async def _open(self, node: Node) -> _Up:
         settings = self._settings
         publisher: Publisher | None = None
         try:
             async with asyncio.timeout(settings.connect_timeout):
-                publisher = await Publisher.open(endpoint, connection_name=self._connection_name)
+                publisher = await Publisher.open(
+                    node.endpoint, connection_name=self._connection_name
+                )
                 for exchange in self._declare:
                     await publisher.declare_exchange(exchange, "topic")
         except Exception as exc:  # refused, reset, closed by the broker, TLS: all mean "retry"
@@ -231,15 +247,17 @@ class AmqpExchangeSink:
                 publisher.abort("not opened")
             log.debug("amqp_out: connect failed", exc_info=True)
             detail = _text(exc) if not isinstance(exc, TimeoutError) else "timed out"
-            raise TransientError(
-                f"amqp_out: cannot connect to {display_url(settings.url)}: {detail}"
-            ) from exc
-        return _Up(publisher, endpoint)
+            raise TransientError(f"amqp_out: cannot connect to {node.shown}: {detail}") from exc
+        return _Up(publisher, node)
 
-    async def _drop(self, up: _Up, reason: str) -> None:
-        """Close ``up``; the sink is down unless a newer link (a ping's) has replaced it."""
+    async def _drop(self, up: _Up, reason: str, *, lost: bool = True) -> None:
+        """Close ``up``; the sink is down unless a newer link (a ping's) has replaced it. A link
+        ``lost`` (not one the broker closed over a refused publish) sends the next connect to
+        the next node."""
         if self._state is up:
             self._state = _Down(reason, time.monotonic())
+            if lost and not self._closed and up.node is self._nodes.current:
+                self._nodes.failed()
         try:
             await up.publisher.close(CLOSE_TIMEOUT_S)
         except Exception as exc:  # closing must go on whatever the connection does
@@ -306,19 +324,23 @@ class AmqpExchangeSink:
             # held and readiness shows it; the retry reconnects.
             reason = _closed_reason(state.publisher)
             await self._drop(state, reason)
-            raise TransientError(f"amqp_out: connection lost: {reason}")
+            raise TransientError(f"amqp_out: connection to {state.node.address} lost: {reason}")
         up = await self._link()
         timeout = self._settings.publish_timeout
         try:
             results = await up.publisher.publish(items, confirm_within=timeout)
         except TimeoutError as exc:
             await self._drop(up, "publish timed out")
-            raise TransientError(f"amqp_out: no publisher confirm within {timeout:g}s") from exc
+            raise TransientError(
+                f"amqp_out: no publisher confirm within {timeout:g}s from {up.node.address}"
+            ) from exc
         except AmqpError as exc:
             await self._drop(up, _text(exc))
-            raise TransientError(f"amqp_out: lost before the confirm: {_text(exc)}") from exc
+            raise TransientError(
+                f"amqp_out: {up.node.address} lost before the confirm: {_text(exc)}"
+            ) from exc
         if up.publisher.is_closed:  # refused: the broker closed the channel, and so the link
-            await self._drop(up, _closed_reason(up.publisher))
+            await self._drop(up, _closed_reason(up.publisher), lost=False)
         return results
 
 

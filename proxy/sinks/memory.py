@@ -31,6 +31,10 @@ class MemorySink:
     def broker(self) -> str:
         return self._broker
 
+    @property
+    def node(self) -> str:
+        return ""
+
     async def connect(self) -> None:
         self.closed = False
 

@@ -82,6 +82,10 @@ class RedisClusterSink:
     def broker(self) -> str:
         return "redis"
 
+    @property
+    def node(self) -> str:
+        return ""  # every master of the cluster
+
     async def connect(self) -> None:
         await self.ping()
 

@@ -309,6 +309,10 @@ class RedisStreamSink:
         return "redis"
 
     @property
+    def node(self) -> str:
+        return ""  # not reported for Redis
+
+    @property
     def client(self) -> aioredis.Redis:
         return self._client
 

@@ -19,6 +19,7 @@ from tests.faults.fakes import FakeChannel, flush, pipeline_for, submit
 
 class OutageSink:
     broker = "redis"
+    node = ""
 
     def __init__(self) -> None:
         self.down = True

@@ -1,0 +1,77 @@
+"""Which RabbitMQ node to connect to next: the configured URLs in a per-process shuffled order.
+
+Every worker process shuffles the list once, so the replicas of a deployment spread over the
+nodes instead of all landing on the first. A connection lost or refused moves on to the next node
+at once; only when every node failed in a row does the caller wait its backoff, and a connection
+that worked starts the count again. One URL behaves as before: every failure backs off.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from proxy.amqp.endpoint import Endpoint
+from proxy.config import AmqpSettings, display_url
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    endpoint: Endpoint
+    shown: str  # the URL with its password masked, for log lines
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+
+def nodes_of(settings: AmqpSettings) -> tuple[Node, ...]:
+    """One ``Node`` per configured URL, in the order written."""
+    return tuple(
+        Node(
+            Endpoint.from_url(url.get_secret_value(), heartbeat=settings.heartbeat),
+            display_url(url),
+        )
+        for url in settings.urls()
+    )
+
+
+class NodeRotation:
+    """The nodes in this process's order, and the one to try now."""
+
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        *,
+        shuffle: Callable[[list[Node]], None] = random.shuffle,
+    ) -> None:
+        if not nodes:
+            raise ValueError("a rotation needs at least one node")
+        order = list(nodes)
+        shuffle(order)
+        self._order = tuple(order)
+        self._index = 0
+        self._failures = 0  # in a row, since the last connection that worked
+
+    @property
+    def order(self) -> tuple[Node, ...]:
+        return self._order
+
+    @property
+    def current(self) -> Node:
+        return self._order[self._index]
+
+    def connected(self) -> None:
+        """The current node worked: its next loss starts a new round."""
+        self._failures = 0
+
+    def failed(self) -> bool:
+        """The current node was lost or refused: move on to the next. True when that completes a
+        round in which every node failed: the caller waits its backoff before the next try."""
+        self._index = (self._index + 1) % len(self._order)
+        self._failures += 1
+        if self._failures < len(self._order):
+            return False
+        self._failures = 0
+        return True
