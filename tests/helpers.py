@@ -199,8 +199,9 @@ async def declare_topology(
     routing_key: str = "#",
     *,
     arguments: dict[str, Any] | None = None,
+    url: str = AMQP_URL,
 ) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, durable=True, arguments=arguments)
@@ -241,16 +242,16 @@ def json_message(payload: Any, **properties: Any) -> aio_pika.Message:
     return aio_pika.Message(orjson.dumps(payload), **properties)
 
 
-async def queue_depth(queue: str) -> int:
-    connection = await aio_pika.connect(AMQP_URL)
+async def queue_depth(queue: str, *, url: str = AMQP_URL) -> int:
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
         return int(q.declaration_result.message_count or 0)
 
 
-async def delete_queues(*queues: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
+async def delete_queues(*queues: str, url: str = AMQP_URL) -> None:
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         for queue in queues:

@@ -48,7 +48,8 @@ class Result:
 
 LEGEND = (
     "recover s: from the heal (or the kill of one replica) until every live worker is ready and\n"
-    "writing again; kill -9: mean restart-to-ready; poison: worker start to the last message.\n"
+    "writing again; kill -9: mean restart-to-ready; poison: worker start to the last message;\n"
+    "rabbitmq node stopped: from the stop until the worker is ready on another node.\n"
     "503 seen: /ready turned 503 during the fault. Dedupe does not apply to an exchange."
 )
 
@@ -131,6 +132,10 @@ class Rig:
         self.out_exchange, self.out_queue = unique("fx"), unique("fo")
         self.amqp_out = TcpProxy(*_amqp_host_port()).start()
         self._received: Counter[str] = Counter()  # drained from out_queue so far
+        # Where the test publishes to and reads the source queue, and where the exchange
+        # destination's queue is: the machine's broker unless a scenario says otherwise.
+        self.source_url = AMQP_URL
+        self.out_url = AMQP_URL
 
     def config(self) -> str:
         query = f"?heartbeat={self.heartbeat}" if self.heartbeat else ""
@@ -189,13 +194,13 @@ stream = "{self.dead}"
         return bool(live) and all(w.get("/ready")[0] == 200 for w in live)
 
     async def declare(self) -> None:
-        await declare_topology(self.queue)
+        await declare_topology(self.queue, url=self.source_url)
         if self.exchange:
-            await declare_topology(self.out_queue, self.out_exchange)
+            await declare_topology(self.out_queue, self.out_exchange, url=self.out_url)
 
     async def publish_paced(self, ids: Sequence[str], seconds: float, chunk: int = 50) -> None:
         """Publish with confirms, spread evenly over ``seconds``: the flow a fault lands in."""
-        connection = await aio_pika.connect(AMQP_URL)
+        connection = await aio_pika.connect(self.source_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = channel.default_exchange
@@ -227,7 +232,7 @@ stream = "{self.dead}"
         return Counter(await stream_message_ids(stream or self.stream))
 
     async def _drain_out_queue(self) -> None:
-        connection = await aio_pika.connect(AMQP_URL)
+        connection = await aio_pika.connect(self.out_url)
         async with connection:
             channel = await connection.channel()
             queue = await channel.get_queue(self.out_queue)
@@ -312,7 +317,7 @@ stream = "{self.dead}"
         if self.dedupe:
             assert result.duplicates == 0, f"{result}\n{self.logs()}"
         assert await asyncio.to_thread(self.all_ready), self.logs()
-        assert await queue_depth(self.queue) == 0
+        assert await queue_depth(self.queue, url=self.source_url) == 0
         for worker in self.live_workers():  # and stops cleanly: nothing left hanging
             assert await asyncio.to_thread(worker.stop, 15.0) == 0, self.logs()
 
@@ -326,9 +331,10 @@ stream = "{self.dead}"
         self.amqp.stop()
         self.redis.stop()
         self.amqp_out.stop()
-        await delete_queues(self.queue, self.out_queue)
+        await delete_queues(self.queue, url=self.source_url)
+        await delete_queues(self.out_queue, url=self.out_url)
         if self.exchange:
-            connection = await aio_pika.connect(AMQP_URL)
+            connection = await aio_pika.connect(self.out_url)
             async with connection:
                 await (await connection.channel()).exchange_delete(self.out_exchange)
         client = redis_client()
