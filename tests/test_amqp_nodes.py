@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from proxy.amqp.endpoint import Endpoint
-from proxy.amqp.nodes import Node, NodeRotation, nodes_of
+from proxy.amqp.nodes import STABLE_AFTER_S, Node, NodeRotation, nodes_of
 from proxy.config import AmqpSettings
 
 
@@ -35,20 +35,28 @@ def keep_order(_: list[Node]) -> None:
                      id="a-connection-that-worked-starts-a-new-round"),
         pytest.param(2, "fcfcf", "n1 n2 n2 n1 n1 n2", [False, False, False],
                      id="moves-between-two"),
+        pytest.param(3, "dfdfdf", "n1 n1 n2 n2 n3 n3 n1", [False, False, True],
+                     id="dropped-at-once-is-a-failure-not-a-new-round"),
+        pytest.param(3, "cfdfdf", "n1 n1 n2 n2 n3 n3 n1", [False, False, True],
+                     id="the-round-after-a-good-connection"),
     ],
 )  # fmt: skip
 def test_each_node_once_before_the_backoff(
     count: int, events: str, tried: str, backoffs: list[bool]
 ) -> None:
-    """``f``: the current node failed (lost or refused); ``c``: it connected."""
-    rotation = NodeRotation(nodes(count), shuffle=keep_order)
+    """``f``: the current node failed (lost or refused); ``c``: it connected, and stayed up;
+    ``d``: it connected and was dropped at once."""
+    now = [0.0]
+    rotation = NodeRotation(nodes(count), shuffle=keep_order, clock=lambda: now[0])
     seen = [rotation.current.endpoint.host]
     waits = []
     for event in events:
-        if event == "c":
+        if event in "cd":
             rotation.connected()
+            now[0] += STABLE_AFTER_S if event == "c" else STABLE_AFTER_S / 10
         else:
             waits.append(rotation.failed())
+            now[0] += 0.01
         seen.append(rotation.current.endpoint.host)
     assert seen == tried.split()
     assert waits == backoffs

@@ -4,16 +4,23 @@ Every worker process shuffles the list once, so the replicas of a deployment spr
 nodes instead of all landing on the first. A connection lost or refused moves on to the next node
 at once; only when every node failed in a row does the caller wait its backoff, and a connection
 that worked starts the count again. One URL behaves as before: every failure backs off.
+
+A connection "worked" once it stayed up ``STABLE_AFTER_S``: one that every node accepts and then
+drops at once counts as a failure, so such a cluster costs a backoff per round instead of a
+reconnect loop with no pause at all.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.amqp.endpoint import Endpoint
 from proxy.config import AmqpSettings, display_url
+
+STABLE_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +52,7 @@ class NodeRotation:
         nodes: Sequence[Node],
         *,
         shuffle: Callable[[list[Node]], None] = random.shuffle,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not nodes:
             raise ValueError("a rotation needs at least one node")
@@ -53,6 +61,8 @@ class NodeRotation:
         self._order = tuple(order)
         self._index = 0
         self._failures = 0  # in a row, since the last connection that worked
+        self._clock = clock
+        self._up_since: float | None = None
 
     @property
     def order(self) -> tuple[Node, ...]:
@@ -63,12 +73,16 @@ class NodeRotation:
         return self._order[self._index]
 
     def connected(self) -> None:
-        """The current node worked: its next loss starts a new round."""
-        self._failures = 0
+        """Connected to the current node: if it stays up ``STABLE_AFTER_S``, its loss starts a
+        new round."""
+        self._up_since = self._clock()
 
     def failed(self) -> bool:
         """The current node was lost or refused: move on to the next. True when that completes a
         round in which every node failed: the caller waits its backoff before the next try."""
+        up_since, self._up_since = self._up_since, None
+        if up_since is not None and self._clock() - up_since >= STABLE_AFTER_S:
+            self._failures = 0
         self._index = (self._index + 1) % len(self._order)
         self._failures += 1
         if self._failures < len(self._order):
