@@ -80,8 +80,11 @@ class Workspace:
         )
 
     def folder(self, name: str) -> Path:
+        """An empty folder: a server started again after a failed attempt must not find the
+        state of the last one (a Redis Cluster node would rejoin with its old node id)."""
         path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
         return path
 
     def spawn(

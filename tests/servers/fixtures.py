@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import NoReturn, Protocol, Self, TypeVar
 
 import pytest
 
@@ -22,7 +22,17 @@ from tests.servers.rabbit_servers import RabbitCluster
 from tests.servers.redis_servers import RedisCluster, RedisSentinelGroup, RedisTls
 
 T = TypeVar("T")
+START_ATTEMPTS = 3
 _FAILED: dict[str, str] = {}
+
+
+class _Server(Protocol):
+    def start(self) -> Self: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
 
 
 def _start(what: str, start: Callable[[], T]) -> T:
@@ -32,6 +42,27 @@ def _start(what: str, start: Callable[[], T]) -> T:
             return start()
         except ServerStartError as exc:
             reason = _FAILED[what] = f"{what} could not be started here: {exc}"
+    return _unavailable(reason)
+
+
+def _start_server(what: str, build: Callable[[], S]) -> S:
+    """A server built and started, built again with other ports where it fails: ports are free
+    when a server picks them, but another process on the machine (another test session) may bind
+    one before the server does."""
+    reason = _FAILED.get(what)
+    if reason is None:
+        for _ in range(START_ATTEMPTS):
+            server = build()
+            try:
+                return server.start()
+            except ServerStartError as exc:
+                reason = f"{what} could not be started here: {exc}"
+                server.stop()
+        _FAILED[what] = reason
+    return _unavailable(reason)
+
+
+def _unavailable(reason: str) -> NoReturn:
     if os.environ.get("TEST_SERVERS") == "require":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -53,7 +84,7 @@ def certificates(server_workspace: Workspace) -> Certificates:
 
 @pytest.fixture(scope="session")
 def redis_cluster(server_workspace: Workspace) -> Iterator[RedisCluster]:
-    cluster = _start("a Redis Cluster", lambda: RedisCluster(server_workspace).start())
+    cluster = _start_server("a Redis Cluster", lambda: RedisCluster(server_workspace))
     try:
         yield cluster
     finally:
@@ -69,7 +100,7 @@ def healthy_redis_cluster(redis_cluster: RedisCluster) -> RedisCluster:
 
 @pytest.fixture(scope="session")
 def redis_sentinel(server_workspace: Workspace) -> Iterator[RedisSentinelGroup]:
-    group = _start("a Redis Sentinel group", lambda: RedisSentinelGroup(server_workspace).start())
+    group = _start_server("a Redis Sentinel group", lambda: RedisSentinelGroup(server_workspace))
     try:
         yield group
     finally:
@@ -84,9 +115,7 @@ def healthy_redis_sentinel(redis_sentinel: RedisSentinelGroup) -> RedisSentinelG
 
 @pytest.fixture(scope="session")
 def redis_tls(server_workspace: Workspace, certificates: Certificates) -> Iterator[RedisTls]:
-    server = _start(
-        "a Redis TLS listener", lambda: RedisTls(server_workspace, certificates).start()
-    )
+    server = _start_server("a Redis TLS listener", lambda: RedisTls(server_workspace, certificates))
     try:
         yield server
     finally:
@@ -98,8 +127,8 @@ def rabbit_cluster(
     server_workspace: Workspace, certificates: Certificates
 ) -> Iterator[RabbitCluster]:
     """3 clustered RabbitMQ nodes; node 1 (``tls_node``) also listens for ``amqps``."""
-    cluster = _start(
-        "a 3-node RabbitMQ cluster", lambda: RabbitCluster(server_workspace, certificates).start()
+    cluster = _start_server(
+        "a 3-node RabbitMQ cluster", lambda: RabbitCluster(server_workspace, certificates)
     )
     try:
         yield cluster

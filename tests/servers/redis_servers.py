@@ -28,6 +28,10 @@ BOOT_S = 10.0
 SLOTS = 16384
 
 
+# What a server logs once it listens: a data node, and a sentinel (which has no such line).
+READY_LINES = ("Ready to accept connections", "Sentinel ID is")
+
+
 class RedisNode:
     def __init__(self, workspace: Workspace, name: str, port: int, args: Sequence[str]) -> None:
         self.workspace = workspace
@@ -50,10 +54,13 @@ class RedisNode:
         return self
 
     def wait_up(self) -> None:
+        # Its own log line, not only an open port: another process may hold the port it was
+        # given, and then something answers there while this server exits.
         def up() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerStartError(f"redis {self.name} exited: {self.log_tail()}")
-            return port_open(self.port)
+            log = self.log_tail(None)
+            return any(line in log for line in READY_LINES) and port_open(self.port)
 
         wait_until(up, BOOT_S, f"redis {self.name} on {self.port}")
 
@@ -77,11 +84,12 @@ class RedisNode:
             self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         return self._client
 
-    def log_tail(self) -> str:
+    def log_tail(self, size: int | None = 1500) -> str:
         try:
-            return (self.folder / "redis.log").read_text(errors="replace")[-1500:]
+            text = (self.folder / "redis.log").read_text(errors="replace")
         except OSError:
             return "(no log)"
+        return text if size is None else text[-size:]
 
 
 # --- Redis Cluster -------------------------------------------------------------------------------
