@@ -884,8 +884,9 @@ class DeadLetter(Frozen):
         None,
         description=(
             "The dead-letter exchange: the message is published unchanged plus the headers "
-            "`x-message-proxy-error`, `x-message-proxy-detail`, `x-message-proxy-route` and "
-            f"`x-message-proxy-failed-at`. {TEMPLATE_HELP}"
+            "`x-message-proxy-error`, `x-message-proxy-detail`, `x-message-proxy-route`, "
+            "`x-message-proxy-failed-at`, and where it came from: `x-message-proxy-exchange`, "
+            f"`x-message-proxy-routing-key`, `x-message-proxy-queue`. {TEMPLATE_HELP}"
         ),
         examples=["dead-letter"],
     )

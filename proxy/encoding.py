@@ -136,8 +136,11 @@ def dead_letter_fields(message: Message, info: DeadLetterInfo) -> Fields:
     return fields
 
 
-def dead_letter_headers(info: DeadLetterInfo) -> dict[str, Any]:
-    """For dead letters sent to an exchange: the same facts as AMQP headers."""
+def dead_letter_headers(info: DeadLetterInfo, message: Message) -> dict[str, Any]:
+    """For dead letters sent to an exchange: the same facts as AMQP headers, and where the
+    message came from (a dead letter is published with the dead-letter exchange and routing key,
+    so its delivery no longer says), which ``message-proxy replay --from-queue`` sends it back
+    to."""
     headers: dict[str, Any] = {
         "x-message-proxy-error": info.reason,
         "x-message-proxy-detail": one_line(info.detail),
@@ -145,4 +148,7 @@ def dead_letter_headers(info: DeadLetterInfo) -> dict[str, Any]:
     }
     if info.route is not None:
         headers["x-message-proxy-route"] = info.route
+    headers["x-message-proxy-exchange"] = message.exchange
+    headers["x-message-proxy-routing-key"] = message.routing_key
+    headers["x-message-proxy-queue"] = message.queue
     return headers

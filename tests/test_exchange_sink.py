@@ -84,7 +84,15 @@ def test_headers_are_kept_and_hops_counted(
 
 
 def test_a_dead_letter_carries_its_facts_as_headers() -> None:
-    message = Message(b"{}", headers={"tenant": "acme"}, message_id="m-1", delivery_mode=2)
+    message = Message(
+        b"{}",
+        routing_key="order.created",
+        exchange="app",
+        queue="events",
+        headers={"tenant": "acme"},
+        message_id="m-1",
+        delivery_mode=2,
+    )
     properties = message_properties(message, DEAD)
     assert properties.headers == {
         "tenant": "acme",
@@ -93,6 +101,10 @@ def test_a_dead_letter_carries_its_facts_as_headers() -> None:
         "x-message-proxy-detail": "exchange 'x' returned it second line",
         "x-message-proxy-failed-at": 1_700_000,
         "x-message-proxy-route": "orders",
+        # where it came from: its delivery from the dead-letter queue no longer says
+        "x-message-proxy-exchange": "app",
+        "x-message-proxy-routing-key": "order.created",
+        "x-message-proxy-queue": "events",
     }
     assert properties.message_id == "m-1" and properties.delivery_mode == 2
 

@@ -199,6 +199,9 @@ routing_key = "dead.{{routing_key}}"
         b"x-message-proxy-error",
         b"x-message-proxy-detail",
         b"x-message-proxy-failed-at",
+        b"x-message-proxy-exchange",
+        b"x-message-proxy-routing-key",
+        b"x-message-proxy-queue",
     ]
 
 

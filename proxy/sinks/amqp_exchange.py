@@ -62,7 +62,7 @@ def message_properties(
     headers: dict[Any, Any] = dict(message.headers)  # pamqp's type says str keys; ours are not
     headers[HOPS_HEADER] = message.hops + 1
     if dead_letter is not None:
-        headers.update(dead_letter_headers(dead_letter))
+        headers.update(dead_letter_headers(dead_letter, message))
     return spec.Basic.Properties(
         content_type=message.content_type,
         content_encoding=message.content_encoding,
@@ -92,7 +92,7 @@ def publish_header(message: Message, dead_letter: DeadLetterInfo | None = None) 
     hops = message.hops
     owned = {HOPS_HEADER: _FIRST_HOP if hops == 0 else integer(hops + 1)}
     if dead_letter is not None:
-        for name, value in dead_letter_headers(dead_letter).items():
+        for name, value in dead_letter_headers(dead_letter, message).items():
             owned[name] = field_value(value)
     headers = message.headers
     present = any(name in headers for name in owned)
