@@ -1,4 +1,4 @@
-"""``message-proxy run | check | route | reload | schema``: the command line.
+"""``message-proxy run | check | route | reload | replay | schema``: the command line.
 
 Exit codes: 0 clean stop, 2 usage or config error, 1 fatal runtime error.
 """
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__
 from proxy.config import (
     Config,
+    ExchangeDestination,
     StreamDestination,
     amqp_vhost,
     config_path,
@@ -29,7 +31,7 @@ from proxy.config import (
     load_config,
 )
 from proxy.control import read_pid_file, remove_pid_file, send_reload, write_pid_file
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, ProxyError
 from proxy.message import Message
 from proxy.routing import Rejected, Router, StreamTarget, Target
 
@@ -84,6 +86,32 @@ def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
     reload.add_argument(
         "--no-wait", action="store_true", help="send the signal and return at once"
     )
+    replay = commands.add_parser(
+        "replay", help="publish dead letters again, each removed once RabbitMQ confirmed it"
+    )
+    replay.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    origin = replay.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--from", dest="stream", metavar="STREAM", help="a dead-letter stream")
+    origin.add_argument("--from-queue", metavar="QUEUE", help="a dead-letter exchange's queue")
+    replay.add_argument(
+        "--to-exchange",
+        metavar="EXCHANGE",
+        help="publish there instead of the exchange each message first came to (a template)",
+    )
+    replay.add_argument(
+        "--routing-key",
+        metavar="KEY",
+        help="the routing key to publish with (a template; default: the original, "
+        "{routing_key})",
+    )
+    replay.add_argument("--reason", action="append", default=[], help="only this reason; repeat")
+    replay.add_argument("--route", action="append", default=[], help="only this route; repeat")
+    replay.add_argument("--since", metavar="TIME", help="dead-lettered at or after: RFC 3339 or 2h")
+    replay.add_argument("--until", metavar="TIME", help="dead-lettered at or before")
+    replay.add_argument("--limit", type=int, metavar="N", help="replay at most N")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent; send and remove nothing"
+    )
     schema = commands.add_parser("schema", help="print the JSON Schema of the config file")
     schema.add_argument(
         "--markdown", action="store_true", help="print the config reference (docs/CONFIG.md)"
@@ -98,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": lambda a: check(_load(a)),
         "route": lambda a: dry_run(_load(a), a),
         "reload": reload,
+        "replay": replay,
         "schema": print_schema,
     }
     return _guarded(lambda: commands[args.command](args))
@@ -286,6 +315,79 @@ def reload(args: argparse.Namespace) -> int:
             "--pid", "which worker? give --pid PID or --pid-file FILE, or set pid_file in the file"
         )
     return send_reload(pid, config, wait=None if args.no_wait else args.wait)
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+def _replay_destination(args: argparse.Namespace) -> ExchangeDestination:
+    from pydantic import ValidationError
+
+    exchange = "{exchange}" if args.to_exchange is None else args.to_exchange
+    routing_key = "{routing_key}" if args.routing_key is None else args.routing_key
+    for key, fields in (
+        ("--to-exchange", {"exchange": exchange}),
+        ("--routing-key", {"exchange": "", "routing_key": routing_key}),
+    ):
+        try:
+            ExchangeDestination.model_validate(fields)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(key, problem) from None
+    return ExchangeDestination(exchange=exchange, routing_key=routing_key)
+
+
+def replay(args: argparse.Namespace) -> int:
+    from proxy.deadletters import make_filter
+    from proxy.replay import ReplayStopped, Target, replay_queue, replay_stream
+
+    config = _load(args)
+    target = Target(_replay_destination(args))
+    for key, value in (("--since", args.since), ("--until", args.until)):
+        try:
+            make_filter(since=value, now=0.0)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", "must be 1 or more")
+    selection = make_filter(args.reason, args.route, args.since, args.until, now=time.time())
+    if args.stream is not None:
+        try:
+            import redis  # noqa: F401 - not in the exchange relay's image
+        except ImportError:
+            raise ConfigError("--from", "a dead-letter stream needs the redis package") from None
+        work = replay_stream(
+            config,
+            args.stream,
+            target=target,
+            selection=selection,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    else:
+        work = replay_queue(
+            config,
+            args.from_queue,
+            target=target,
+            selection=selection,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    try:
+        summary = asyncio.run(work)
+    except ReplayStopped as exc:
+        print(
+            f"message-proxy: replay stopped: {exc}; what was confirmed is removed, the rest "
+            "stays: run it again to go on",
+            file=sys.stderr,
+        )
+        return EXIT_FATAL
+    except (ProxyError, OSError, TimeoutError) as exc:
+        detail = str(exc) or type(exc).__name__
+        print(f"message-proxy: replay failed: {detail}", file=sys.stderr)
+        return EXIT_FATAL
+    print(summary.line())
+    return EXIT_FATAL if summary.failed else EXIT_OK
 
 
 # --- schema ------------------------------------------------------------------------------------
