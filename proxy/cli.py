@@ -339,7 +339,8 @@ def _replay_destination(args: argparse.Namespace) -> ExchangeDestination:
 
 def replay(args: argparse.Namespace) -> int:
     from proxy.deadletters import make_filter
-    from proxy.replay import ReplayStopped, Target, replay_queue, replay_stream
+    from proxy.replay import ReplayStopped, Target, replay_stream
+    from proxy.replay_queue import replay_queue
 
     config = _load(args)
     target = Target(_replay_destination(args))

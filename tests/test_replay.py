@@ -4,7 +4,6 @@ again, dead-letter queues (the worker's and RabbitMQ's own), Redis Cluster and S
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -59,8 +58,15 @@ def config_file(tmp_path: Path, redis: str = "", extra: str = "") -> Path:
     return path
 
 
-def letter(number: int, exchange: str, key: str, *, reason: str = "unrouted", route: str = "a",
-           failed_at_ms: int | None = None) -> dict[str, Any]:
+def letter(
+    number: int,
+    exchange: str,
+    key: str,
+    *,
+    reason: str = "unrouted",
+    route: str = "a",
+    failed_at_ms: int | None = None,
+) -> dict[str, Any]:
     message = Message(
         orjson.dumps({"n": number}),
         routing_key=key,
@@ -164,8 +170,21 @@ async def test_a_stream_replay_removes_what_was_confirmed_and_keeps_what_was_not
         left = [raw.decode() for raw, _ in await client.xrange(stream)]
         assert left == [ids[6], ids[7], ids[8]]  # the unrouted, the refused, the truncated
 
-        moved = run_cli(["replay", "--config", config, "--from", stream, "--to-exchange",
-                         exchange, "--routing-key", "ok.{routing_key}", "--limit", "1"])
+        moved = run_cli(
+            [
+                "replay",
+                "--config",
+                config,
+                "--from",
+                stream,
+                "--to-exchange",
+                exchange,
+                "--routing-key",
+                "ok.{routing_key}",
+                "--limit",
+                "1",
+            ]
+        )
         assert moved.returncode == 0, moved.stderr
         assert [raw.decode() for raw, _ in await client.xrange(stream)] == [ids[7], ids[8]]
 
@@ -190,13 +209,14 @@ async def test_a_replay_killed_mid_way_and_run_again_loses_nothing_and_leaves_no
     try:
         await add_entries(client, stream, [letter(n, exchange, f"ok.{n}") for n in range(count)])
         config = str(config_file(tmp_path))
-        command = [sys.executable, "-m", "proxy", "replay", "--config", config, "--from", stream]
-        first = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        first = start_cli(["replay", "--config", config, "--from", stream])
         try:
-            await async_wait_for(lambda: _below(client, stream, count * 2 // 3), within=30,
-                                 interval=0.005, what="a third replayed")
+            await async_wait_for(
+                lambda: _below(client, stream, count * 2 // 3),
+                within=30,
+                interval=0.005,
+                what="a third replayed",
+            )
             assert first.poll() is None, "finished before it could be killed"
             first.send_signal(signal.SIGKILL)
             first.wait(10)
@@ -215,6 +235,15 @@ async def test_a_replay_killed_mid_way_and_run_again_loses_nothing_and_leaves_no
         print(f"\nkilled with {left} of {count} left; run again: 0 lost, {twice} sent twice")
     finally:
         await client.aclose()
+
+
+def start_cli(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def _below(client: Any, stream: str, limit: int) -> bool:
@@ -242,7 +271,7 @@ bindings = [ {{ exchange = "{app}", routing_key = "#" }} ]
 [[routes]]
 name = "ok"
 match.routing_key = "ok.#"
-to = [ {{ stream = "{unique('unused')}" }} ]
+to = [ {{ stream = "{unique("unused")}" }} ]
 
 [dead_letter]
 exchange = "{dlx}"
@@ -256,8 +285,10 @@ declare = true
                 queue = await channel.declare_queue(dlq, durable=True)
                 await queue.bind(dlx, "#")
             await publish(
-                [(aio_pika.Message(f"{n}".encode(), message_id=f"b-{n}"), f"bad.{n}")
-                 for n in range(5)],
+                [
+                    (aio_pika.Message(f"{n}".encode(), message_id=f"b-{n}"), f"bad.{n}")
+                    for n in range(5)
+                ],
                 exchange=app,
             )
 
@@ -266,8 +297,7 @@ declare = true
 
             await async_wait_for(dead_lettered, what="5 dead letters on the queue")
             assert worker.stop() == 0
-        path = str(tmp_path / "worker-config.toml")
-        Path(path).write_text(config)
+        path = str(worker.config_path)
         dry = run_cli(["replay", "--config", path, "--from-queue", dlq, "--dry-run"])
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.count(f"-> exchange {app!r} routing key 'bad.") == 5
@@ -305,8 +335,17 @@ async def test_a_queue_dead_lettered_by_rabbitmq_goes_back_by_its_x_death(
             await got.reject(requeue=False)  # RabbitMQ dead-letters it, with x-death
             await async_wait_for(lambda: _depth_is(dlq, 1), what="dead-lettered")
             await (await channel.declare_queue(check, durable=True)).bind(origin, "k.#")
-        done = run_cli(["replay", "--config", str(config_file(tmp_path)), "--from-queue", dlq,
-                        "--reason", "rejected"])
+        done = run_cli(
+            [
+                "replay",
+                "--config",
+                str(config_file(tmp_path)),
+                "--from-queue",
+                dlq,
+                "--reason",
+                "rejected",
+            ]
+        )
         assert done.returncode == 0, done.stderr
         (back,) = await drain(check)
         assert (back.message_id, back.routing_key, back.body) == ("x-1", "k.1", b"first")
