@@ -16,7 +16,6 @@ run: at least once, like everything else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from proxy.amqp.connection import AmqpConnection
-from proxy.amqp.endpoint import Endpoint
+from proxy.amqp.nodes import open_first
 from proxy.backoff import Backoff
 from proxy.config import Config, ExchangeDestination
 from proxy.deadletters import DeadLetter, Filter, from_stream_entry
@@ -168,12 +167,8 @@ class Replayer:
                 async with asyncio.timeout(self._settings.connect_timeout):
                     checker = self._checker
                     if checker is None or checker.is_closed:
-                        endpoint = Endpoint.from_url(
-                            self._settings.url.get_secret_value(),
-                            heartbeat=self._settings.heartbeat,
-                        )
-                        checker = self._checker = await AmqpConnection.open(
-                            endpoint, connection_name="message-proxy replay check"
+                        checker = self._checker = await open_first(
+                            self._settings, connection_name="message-proxy replay check"
                         )
                     await checker.declare_exchange(name, "topic", side=True, passive=True)
                 self._exchanges[name] = None
@@ -244,7 +239,9 @@ async def replay_stream(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> Summary:
-    client = _redis_client(config)
+    from proxy.sinks.redis_clients import aclose_client, client_for  # not in the relay's image
+
+    client = client_for(config.redis)
     summary = Summary(f"stream {stream!r}", dry_run)
     progress = Progress(err, summary)
     replayer = Replayer(config, target, progress)
@@ -272,7 +269,7 @@ async def replay_stream(
     finally:
         progress.show(last=True)
         await replayer.aclose()
-        await _close_redis(client)
+        await aclose_client(client)
     return summary
 
 
@@ -353,23 +350,3 @@ async def _publish_and_delete(
     if confirmed:
         await _guarded_redis(lambda: client.xdel(stream, *confirmed), "XDEL")
         summary.replayed += len(confirmed)
-
-
-def _redis_client(config: Config) -> Any:
-    from proxy.sinks.redis_clients import cluster_client, sentinel_client, standalone_client
-
-    settings = config.redis
-    if settings.mode == "cluster":
-        return cluster_client(settings)
-    if settings.mode == "sentinel":
-        return sentinel_client(settings)
-    return standalone_client(settings)
-
-
-async def _close_redis(client: Any) -> None:
-    with contextlib.suppress(Exception):
-        await client.aclose()
-    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
-    for sentinel in manager.sentinels if manager is not None else ():
-        with contextlib.suppress(Exception):
-            await sentinel.aclose()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from proxy.amqp.connection import AmqpConnection
-from proxy.amqp.endpoint import Endpoint
+from proxy.amqp.nodes import open_first
 from proxy.config import Config
 from proxy.deadletters import DeadLetter, Filter, from_queue_message
 from proxy.errors import PermanentError
@@ -49,7 +49,6 @@ async def replay_queue(
     progress = Progress(err, summary)
     replayer = Replayer(config, target, progress)
     settings = config.amqp
-    endpoint = Endpoint.from_url(settings.url.get_secret_value(), heartbeat=settings.heartbeat)
     received: asyncio.Queue[_Received] = asyncio.Queue()
 
     def on_message(values: dict[str, Any], tag: int, defect: str | None) -> None:
@@ -58,8 +57,7 @@ async def replay_queue(
             values["headers"] = EMPTY_HEADERS
         received.put_nowait(_Received(tag, Message.of(values), defect))
 
-    async with asyncio.timeout(settings.connect_timeout):
-        connection = await AmqpConnection.open(endpoint, connection_name="message-proxy replay")
+    connection = await open_first(settings, connection_name="message-proxy replay")
     try:
         async with asyncio.timeout(settings.connect_timeout):
             declared = await connection.declare_queue(queue, None, passive=True, side=True)

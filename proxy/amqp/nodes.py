@@ -12,13 +12,16 @@ reconnect loop with no pause at all.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from proxy.amqp.connection import AmqpConnection
 from proxy.amqp.endpoint import Endpoint
 from proxy.config import AmqpSettings, display_url
+from proxy.errors import AmqpError
 
 STABLE_AFTER_S = 1.0
 
@@ -89,3 +92,17 @@ class NodeRotation:
             return False
         self._failures = 0
         return True
+
+
+async def open_first(settings: AmqpSettings, *, connection_name: str) -> AmqpConnection:
+    """A connection to the first node, in the order written, that accepts one within
+    ``connect_timeout``: for the command-line tools, which connect once. Raises the last
+    node's failure when none does."""
+    failure: BaseException | None = None
+    for node in nodes_of(settings):
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                return await AmqpConnection.open(node.endpoint, connection_name=connection_name)
+        except Exception as exc:  # refused, reset, TLS, timeout: the next node
+            failure = exc
+    raise failure if failure is not None else AmqpError("no node to connect to")

@@ -7,6 +7,7 @@ client that retried inside a batch's time budget would only hide the outage from
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -141,3 +142,22 @@ def cluster_client(settings: RedisSettings) -> RedisCluster:
             node.connection_class = named
     return client
 
+
+
+def client_for(settings: RedisSettings) -> aioredis.Redis | RedisCluster:
+    """The client ``[redis] mode`` asks for, for a command-line tool's own commands."""
+    if settings.mode == "cluster":
+        return cluster_client(settings)
+    if settings.mode == "sentinel":
+        return sentinel_client(settings)
+    return standalone_client(settings)
+
+
+async def aclose_client(client: aioredis.Redis | RedisCluster) -> None:
+    """Close ``client`` and, behind Sentinel, the sentinels' clients it does not own."""
+    with contextlib.suppress(Exception):
+        await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        with contextlib.suppress(Exception):
+            await sentinel.aclose()
