@@ -59,6 +59,11 @@ def _parser(prog: str, *, role_only: bool) -> argparse.ArgumentParser:
     run.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
     check = commands.add_parser("check", help="validate the config and print the routes")
     check.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
+    check.add_argument(
+        "--brokers",
+        action="store_true",
+        help="connect and verify what the config relies on (queues, exchanges, Redis ACL)",
+    )
     route = commands.add_parser("route", help="dry run: which routes a message would take")
     route.add_argument("--config", help="config file (default: $MESSAGE_PROXY_CONFIG)")
     route.add_argument("--routing-key", required=True)
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser("message-proxy", role_only=False).parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": lambda a: _run(a, role="all"),
-        "check": lambda a: check(_load(a)),
+        "check": lambda a: check_brokers(_load(a)) if a.brokers else check(_load(a)),
         "route": lambda a: dry_run(_load(a), a),
         "reload": reload,
         "replay": replay,
@@ -389,6 +394,13 @@ def replay(args: argparse.Namespace) -> int:
         return EXIT_FATAL
     print(summary.line())
     return EXIT_FATAL if summary.failed else EXIT_OK
+
+
+def check_brokers(config: Config) -> int:
+    """One line per check; exit 1 at the first class of checks with a failure."""
+    from proxy.brokercheck import check_brokers as run_checks
+
+    return EXIT_OK if asyncio.run(run_checks(config, sys.stdout)) else EXIT_FATAL
 
 
 # --- schema ------------------------------------------------------------------------------------
