@@ -309,3 +309,40 @@ async def test_an_invalid_file_or_a_restart_key_is_rejected_and_the_running_conf
     finally:
         await delete_queues(queue)
         await delete_keys(stream)
+
+
+async def test_a_new_declared_exchange_is_declared_by_the_reload_or_the_reload_refused(
+    tmp_path: Path,
+) -> None:
+    queue, stream = unique("reload-decl"), unique("reload-s")
+    first, added, clash = unique("reload-x0"), unique("reload-x1"), unique("reload-x2")
+    audit = '\n[[routes]]\nname = "audit"\nmatch.routing_key = "audit.#"\n'
+    text = worker_config(queue, unique("reload-app"), stream, tmp_path / "w.pid").replace(
+        '[[routes]]\nname = "all"',
+        audit + f'to = [ {{ exchange = "{first}", declare = true }} ]\n\n[[routes]]\nname = "all"',
+    )
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_exchange(clash, aio_pika.ExchangeType.FANOUT)
+        with WorkerProcess(text, tmp_path) as worker:
+            worker.config_path.write_text(text.replace(first, added))
+            worker.signal(signal.SIGHUP)
+            wait_for(lambda: reloads(worker, "applied") == 1, what="applied")
+            async with await aio_pika.connect(AMQP_URL) as check:
+                await (await check.channel()).get_exchange(added)  # passive: it exists now
+
+            worker.config_path.write_text(text.replace(first, clash))
+            worker.signal(signal.SIGHUP)
+            wait_for(lambda: reloads(worker, "rejected") == 1, what="rejected")
+            (line,) = log_lines(worker, "config reload rejected")
+            assert f"exchange {clash!r}: 406 PRECONDITION_FAILED" in line["message"]
+            assert worker.get("/ready")[0] == 200  # the refusal cost the publisher nothing
+            assert worker.stop() == 0
+    finally:
+        await delete_queues(queue)
+        async with await aio_pika.connect(AMQP_URL) as cleanup:
+            channel = await cleanup.channel()
+            for name in (first, added, clash):
+                await channel.exchange_delete(name)
