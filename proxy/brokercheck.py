@@ -15,21 +15,16 @@ the ones after it depend on it (no queue can be checked without a connection):
 
 Nothing is created or written. Declarations go on a side channel (a refusal closes only that
 channel), and only after a passive declare found the queue or exchange. Redis permissions are
-checked by queueing the command inside ``MULTI`` and discarding it: Redis checks a queued
-command's ACL (the command and its keys) and its memory limit as it queues it, and runs nothing
-on ``DISCARD``. A stream name with placeholders is checked with each placeholder filled in with
-``message-proxy-check``, which is what key patterns such as ``~orders:*`` see. Passwords never
-appear: URLs are shown masked and broker replies do not hold them.
+checked without writing (``redis_checks``). Passwords never appear: URLs are shown masked and
+broker replies do not hold them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit
 
 from proxy.amqp.connection import AmqpConnection
 from proxy.amqp.nodes import Node, nodes_of
@@ -39,14 +34,16 @@ from proxy.config import (
     ExchangeDestination,
     Source,
     StreamDestination,
-    amqp_vhost,
-    display_url,
 )
 from proxy.errors import AmqpError, ChannelClosed
+from proxy.redis_checks import (
+    close_redis,
+    redis_shown,
+    redis_user,
+    stream_destination,
+    stream_offset,
+)
 from proxy.templates import Template
-
-SAMPLE = "message-proxy-check"
-CHECK_SCRIPT = "return 1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +140,6 @@ async def _connect_amqp(name: str, settings: AmqpSettings, report: Report) -> Am
     return connected
 
 
-def _redis_user(config: Config) -> str:
-    url = config.redis.urls()[0].get_secret_value()
-    return unquote(urlsplit(url).username or "") or "default"
-
-
 async def _connect(config: Config, report: Report, connections: dict[str, Any]) -> None:
     wanted = [("amqp", config.amqp)]
     if config.uses_exchanges() and config.amqp_out is not None:
@@ -163,36 +155,22 @@ async def _connect(config: Config, report: Report, connections: dict[str, Any]) 
     from proxy.sinks.redis_clients import client_for  # the sinks' construction, every mode
 
     client = connections["redis"] = client_for(config.redis)
-    shown = _redis_shown(config)
+    shown = redis_shown(config)
     try:
         async with asyncio.timeout(config.redis.timeout * 2):
             await client.ping()
     except Exception as exc:  # the client's errors: unreachable, refused login, no master
         report.add("FAIL", "redis", f"cannot reach {shown}: {exc or type(exc).__name__}")
         del connections["redis"]
-        await _close_redis(client)
+        await close_redis(client)
     else:
-        report.add("ok", "redis", f"connected to {shown} as user {_redis_user(config)!r}")
-
-
-def _redis_shown(config: Config) -> str:
-    redis = config.redis
-    if redis.mode == "sentinel":
-        sentinels = ", ".join(display_url(url) for url in redis.sentinels)
-        return f"the master of {redis.service_name!r} via {sentinels}"
-    return ", ".join(display_url(url) for url in redis.urls())
-
-
-async def _close_redis(client: Any) -> None:
-    from proxy.sinks.redis_clients import aclose_client
-
-    await aclose_client(client)
+        report.add("ok", "redis", f"connected to {shown} as user {redis_user(config)!r}")
 
 
 async def _close(connections: dict[str, Any]) -> None:
     for name, connection in connections.items():
         if name == "redis":
-            await _close_redis(connection)
+            await close_redis(connection)
         elif name == "amqp" or connection is not connections.get("amqp"):
             with contextlib.suppress(Exception):
                 await connection.close(2.0)
@@ -206,7 +184,7 @@ async def _sources(config: Config, report: Report, connections: dict[str, Any]) 
     for source in config.sources:
         await _source(connection, source, report, config.amqp.connect_timeout)
         if source.is_stream:
-            await _stream_offset(config, source, report, connections.get("redis"))
+            await stream_offset(config, source, report, connections.get("redis"))
 
 
 async def _declare(connection: AmqpConnection, within: float, request: Any) -> str | None:
@@ -315,28 +293,6 @@ async def _exchange(
         )
 
 
-async def _stream_offset(config: Config, source: Source, report: Report, client: Any) -> None:
-    key = source.offset_key_in(amqp_vhost(config.amqp))
-    what = f"source {source.queue} offset"
-    if client is None:
-        report.add("FAIL", what, "no Redis to keep its offset in")
-        return
-    user = _redis_user(config)
-    read, queued = await _on_key(
-        client, key, user, [["MGET", key], Queued(["EVAL", CHECK_SCRIPT, 1, key])]
-    )
-    if isinstance(read, Exception):
-        report.add("FAIL", what, f"cannot read {key!r}: {read}")
-    elif isinstance(queued, Exception):
-        report.add("FAIL", what, f"cannot record it in {key!r} (a script): {queued}")
-    elif isinstance(queued, str):
-        report.add("skip", what, f"{key!r} can be read; recording it cannot be checked: {queued}")
-    else:
-        value = read[0] if isinstance(read, list) and read else None
-        kept = f"offset {value.decode()} recorded" if value else "no offset recorded yet"
-        report.add("ok", what, f"{key!r}: {kept}; recording allowed")
-
-
 # --- destinations ---------------------------------------------------------------------------
 
 
@@ -372,7 +328,7 @@ async def _destinations(config: Config, report: Report, connections: dict[str, A
             connections,
         )
     for route, stream in _streams(config):
-        await _stream_destination(
+        await stream_destination(
             config,
             stream,
             f"destination stream {stream.stream!r} (route {route})",
@@ -408,53 +364,6 @@ async def _exchange_destination(
     )
 
 
-def sample_key(template: str) -> str:
-    """The template with every placeholder filled in with ``SAMPLE``."""
-    parsed = Template.parse(template)
-    return "".join(part if isinstance(part, str) else SAMPLE for part in parsed.parts)
-
-
-async def _stream_destination(
-    config: Config, destination: StreamDestination, what: str, report: Report, client: Any
-) -> None:
-    if client is None:
-        report.add("FAIL", what, "no Redis connection")
-        return
-    key = sample_key(destination.stream)
-    where = f"{key!r}" if key == destination.stream else f"{key!r} (placeholders filled in)"
-    user = _redis_user(config)
-    commands: list[list[Any] | Queued] = [["TYPE", key], Queued(["XADD", key, "*", SAMPLE, "1"])]
-    if destination.dedupe:
-        from proxy.sinks.redis_stream import dedupe_key
-
-        script = ["EVAL", CHECK_SCRIPT, 2, key, dedupe_key(key, SAMPLE)]
-        commands += [["INFO", "server"], Queued(script)]
-    replies = await _on_key(client, key, user, commands)
-    kind, xadd = replies[0], replies[1]
-    if isinstance(xadd, Exception):
-        report.add("FAIL", what, f"XADD to {where} refused for user {user!r}: {xadd}")
-        return
-    if isinstance(kind, bytes) and kind not in (b"none", b"stream"):
-        report.add("FAIL", what, f"{where} holds a {kind.decode()}, not a stream")
-        return
-    if destination.dedupe:
-        problem = next((r for r in replies[2:] if isinstance(r, Exception)), None)
-        if problem is not None:
-            report.add(
-                "FAIL", what, f"dedupe needs INFO and scripts, refused for user {user!r}: {problem}"
-            )
-            return
-    if isinstance(xadd, str):
-        report.add("skip", what, f"XADD to {where} cannot be checked for user {user!r}: {xadd}")
-        return
-    report.add(
-        "ok",
-        what,
-        f"XADD to {where} allowed for user {user!r} (checked without "
-        "writing: queued in a MULTI, then discarded)",
-    )
-
-
 # --- dead letters ---------------------------------------------------------------------------
 
 
@@ -470,7 +379,7 @@ async def _dead_letters(config: Config, report: Report, connections: dict[str, A
         return
     destination = dead_letter.destination()
     if isinstance(destination, StreamDestination):
-        await _stream_destination(
+        await stream_destination(
             config,
             destination,
             f"dead letters to stream {destination.stream!r}",
@@ -485,90 +394,3 @@ async def _dead_letters(config: Config, report: Report, connections: dict[str, A
             report,
             connections,
         )
-
-
-# --- Redis: commands on the connection that serves a key ------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A command checked and never run: queued in ``MULTI``, then ``DISCARD``. Where the user may
-    not run ``MULTI``, ``ACL DRYRUN`` asks instead (it needs rights of its own)."""
-
-    command: list[Any]
-
-
-Unknown = str  # why a queued command could not be checked
-
-
-@contextlib.asynccontextmanager
-async def _connection_for(client: Any, key: str) -> AsyncIterator[Any]:
-    """A connection to the server that serves ``key``, given back afterwards (dropped when a
-    reply may be left unread: its next user would get it)."""
-    from redis import exceptions as redis_errors
-    from redis.asyncio.cluster import RedisCluster
-
-    give_back: Callable[[Any], Awaitable[None] | None]
-    if isinstance(client, RedisCluster):
-        await client.initialize()
-        node = client.get_node_from_key(key)
-        if node is None:
-            raise redis_errors.ClusterDownError(f"no node serves {key!r}")
-        connection, give_back = node.acquire_connection(), node.release
-    else:
-        pool = client.connection_pool
-        connection, give_back = await pool.get_connection(), pool.release
-    try:
-        yield connection
-    except BaseException:
-        await connection.disconnect()
-        raise
-    finally:
-        released = give_back(connection)
-        if released is not None:
-            await released
-
-
-async def _on_key(
-    client: Any, key: str, user: str, commands: Sequence[list[Any] | Queued]
-) -> list[Any]:
-    """The reply to each command, in order (errors as exceptions; for a ``Queued`` one: None when
-    allowed, the refusal, or an ``Unknown`` text), on one connection to the server that serves
-    ``key``, one command at a time: ``MULTI`` must be known to hold before anything follows it."""
-    from redis import exceptions as redis_errors
-
-    from proxy.sinks.redis_stream import pack_commands
-
-    async with _connection_for(client, key) as connection:
-
-        async def ask(command: list[Any]) -> Any:
-            await connection.send_packed_command(pack_commands([command]), check_health=False)
-            try:
-                return await connection.read_response(disable_decoding=True)
-            except redis_errors.ResponseError as exc:
-                return exc
-
-        return [
-            await (
-                _checked(ask, command.command, user)
-                if isinstance(command, Queued)
-                else ask(command)
-            )
-            for command in commands
-        ]
-
-
-async def _checked(ask: Any, command: list[Any], user: str) -> Exception | Unknown | None:
-    from redis import exceptions as redis_errors
-
-    opened = await ask(["MULTI"])
-    if not isinstance(opened, Exception):
-        queued = await ask(command)
-        await ask(["DISCARD"])
-        return queued if isinstance(queued, Exception) else None
-    dry = await ask(["ACL", "DRYRUN", user, *command])
-    if isinstance(dry, Exception):
-        return f"neither MULTI ({opened}) nor ACL DRYRUN ({dry}) is allowed"
-    if dry == b"OK":
-        return None
-    return redis_errors.NoPermissionError(dry.decode(errors="replace"))
