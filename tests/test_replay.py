@@ -4,6 +4,7 @@ again, dead-letter queues (the worker's and RabbitMQ's own), Redis Cluster and S
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from proxy.encoding import DeadLetterInfo, dead_letter_fields
 from proxy.message import HOPS_HEADER, Message
+from proxy.replay import Progress, Summary
 from proxy.sinks.redis_stream import _too_large_entry
 from tests.helpers import (
     AMQP_URL,
@@ -389,3 +391,26 @@ async def test_a_replay_reads_and_deletes_through_cluster_and_sentinel(
     finally:
         await client.delete(stream)
         await client.aclose()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "pipe"])
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tty: bool) -> None:
+    out = Terminal() if tty else io.StringIO()
+    summary = Summary("stream 'dl'", dry_run=False, scanned=50, replayed=40, kept=2, total=100)
+    progress = Progress(out, summary)
+    progress.show(last=False)
+    progress.note("kept 1-0: unroutable")
+    progress.show(last=True)
+    if not tty:
+        assert out.getvalue() == "kept 1-0: unroutable\n"  # the reports, without the bar
+        return
+    assert out.getvalue() == (
+        "\rreplay [###############               ] 50/100 read, 40 replayed, 2 kept"
+        "\r\x1b[Kkept 1-0: unroutable\n"
+        "\rreplay [###############               ] 50/100 read, 40 replayed, 2 kept\n"
+    )
