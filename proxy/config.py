@@ -448,18 +448,25 @@ class BatchSettings(Frozen):
         500,
         ge=1,
         le=100_000,
-        description="A batch is written as soon as it holds this many deliveries...",
+        description=(
+            "The most deliveries in one batch (which also holds at most an eighth of `[amqp] "
+            "max_inflight_bytes` of bodies). Batches form by themselves: a batch is written "
+            "as soon as the worker has taken what the socket held and no other batch is being "
+            "written; what arrives meanwhile makes the next one, up to this many."
+        ),
         examples=[1000],
     )
     max_delay_ms: float = Field(
-        5,
+        0,
         ge=0,
         le=60_000,
         description=(
-            "...or when its oldest delivery has waited this many milliseconds. Lower means less "
-            "latency, higher means fewer, larger writes under a light load."
+            "A minimum linger: a batch that is not full waits until its oldest delivery has "
+            "waited this many milliseconds, for fewer, larger writes under a light load, at the "
+            "cost of that much latency. 0 (the default) writes at once: the lowest latency, and "
+            "under load each batch holds what arrived while the previous one was written."
         ),
-        examples=[20],
+        examples=[5],
     )
 
 
@@ -1055,7 +1062,7 @@ class Config(Frozen):
     batch: BatchSettings = Field(
         BatchSettings(),
         description="When a batch of deliveries is written.",
-        examples=[{"max_messages": 1000, "max_delay_ms": 20}],
+        examples=[{"max_messages": 1000, "max_delay_ms": 5}],
     )
     dedupe: DedupeSettings = Field(
         DedupeSettings(),

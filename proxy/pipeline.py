@@ -1,11 +1,14 @@
 """Batch, route, publish, then settle: the only place a delivery is acked or rejected.
 
-A batch is flushed when it holds ``batch.max_messages`` deliveries or its oldest delivery has
-waited ``batch.max_delay_ms``. One batch is in flight at a time, so delivery tags are settled in
-order and one ``basic.ack(multiple=True)`` covers the batch. A destination that cannot be reached
-holds the batch (retried with backoff, never acked meanwhile); prefetch then stops the broker from
-sending more. A destination that refuses one message dead-letters that message only; a
-dead-letter destination that refuses holds the batch like an outage.
+Natural batching: a batch is written as soon as the intake has handed over what the socket held
+and no batch is in flight; while one is in flight, deliveries accumulate and make the next, so
+batches grow by themselves exactly when the load needs them. ``batch.max_messages`` bounds a
+batch (and ``max_batch_bytes`` its bodies); ``batch.max_delay_ms`` > 0 is a minimum linger, for
+fewer, larger writes under a light load. One batch is in flight at a time, so delivery tags are
+settled in order and one ``basic.ack(multiple=True)`` covers the batch. A destination that
+cannot be reached holds the batch (retried with backoff, never acked meanwhile); prefetch then
+stops the broker from sending more. A destination that refuses one message dead-letters that
+message only; a dead-letter destination that refuses holds the batch like an outage.
 
 A held delivery whose channel closes meanwhile (the broker's consumer timeout, a lost connection)
 is dropped before the next retry: RabbitMQ has requeued it and delivers it again, so writing the
@@ -177,9 +180,16 @@ class Pipeline:
         return batch
 
     async def _wait_for_batch(self) -> None:
-        if len(self._pending) >= self._max_messages or self._draining:
+        if self._draining:
             return
-        delay = self._pending[0].received_at + self._max_delay - self._clock()
+        pending = self._pending
+        delay = flush_delay(
+            len(pending),
+            pending[0].received_at,
+            self._clock(),
+            max_messages=self._max_messages,
+            min_linger=self._max_delay,
+        )
         if delay <= 0:
             return
         self._full.clear()
@@ -623,6 +633,22 @@ class Pipeline:
                 if (timestamp := delivery.message.timestamp) is not None and index not in rejects
             ]
         )
+
+
+def flush_delay(
+    pending: int, oldest_received_at: float, now: float, *, max_messages: int, min_linger: float
+) -> float:
+    """How long the pending deliveries wait before they are cut into a batch; 0: at once.
+
+    The flush loop asks only when no batch is in flight, and it runs only after the intake has
+    handed over every delivery of the bytes read: so without a linger, a batch goes out as soon
+    as the worker is free, and holds whatever arrived while the previous one was being written.
+    ``min_linger`` (seconds, ``max_delay_ms``) holds a batch that is not full until its oldest
+    delivery has waited that long; a full batch never waits.
+    """
+    if pending >= max_messages or min_linger <= 0:
+        return 0.0
+    return max(0.0, oldest_received_at + min_linger - now)
 
 
 # What one sink published, and its outcome for each item.

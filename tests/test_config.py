@@ -38,7 +38,7 @@ def test_defaults_follow_the_contract() -> None:
     assert config.amqp.prefetch == 1000
     assert config.amqp.heartbeat == 10
     assert config.batch.max_messages == 500
-    assert config.batch.max_delay_ms == 5
+    assert config.batch.max_delay_ms == 0  # natural batching; > 0 is a minimum linger
     assert config.health.port == 8000
     assert config.shutdown_timeout == 10
     assert config.sources[0].declare is True
