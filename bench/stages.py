@@ -39,6 +39,7 @@ DESCRIPTIONS = {
 
 _SINK_REDIS = "proxy/sinks/redis_stream.py"
 _SINK_AMQP = "proxy/sinks/amqp_exchange.py"
+_RESP = "proxy/sinks/resp.py"  # packing is encode; reading replies falls to write below
 _PIPELINE = "proxy/pipeline.py"
 
 RULES: tuple[Rule, ...] = (
@@ -76,7 +77,15 @@ RULES: tuple[Rule, ...] = (
     Rule(ENCODE, _SINK_REDIS, "_flat"),
     Rule(ENCODE, _SINK_REDIS, "_bulk"),
     Rule(ENCODE, _SINK_REDIS, "pack_commands*"),
+    Rule(ENCODE, _SINK_REDIS, "packed_xadds"),
+    Rule(ENCODE, _SINK_REDIS, "xadd_arguments"),
     Rule(ENCODE, _SINK_REDIS, "_xadd_args"),
+    Rule(ENCODE, _RESP, "bulk"),
+    Rule(ENCODE, _RESP, "_array_prefix"),
+    Rule(ENCODE, _RESP, "pack_commands*"),
+    Rule(ENCODE, _RESP, "XaddHead.*"),
+    Rule(ENCODE, _RESP, "packed_*"),
+    Rule(ENCODE, _SINK_REDIS, "_pack_or_refuse"),
     Rule(ENCODE, _SINK_REDIS, "_too_large_entry"),
     Rule(ENCODE, _SINK_REDIS, "dedupe_*"),
     Rule(ENCODE, _SINK_AMQP, "encode"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -119,6 +120,70 @@ def entry_fields(message: Message) -> Fields:
     if message.headers:
         fields["headers"] = headers_json(message.headers)
     return fields
+
+
+# --- the same entry in Redis's wire format ----------------------------------------------------
+
+
+def _bulk_string(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+# Per field after the body, its bit in an entry's shape (which fields it has), in field order.
+_FIXED_AFTER_BODY = ("routing_key", "exchange", "queue")
+_SHAPE_BITS = tuple((name, 1 << bit) for bit, name in enumerate(_OPTIONAL_TEXT))
+_TIMESTAMP_BIT, _HEADERS_BIT = 1 << len(_OPTIONAL_TEXT), 2 << len(_OPTIONAL_TEXT)
+_BODY_NAME = _bulk_string(b"body")
+
+
+@functools.cache
+def _rest_format(shape: int) -> tuple[int, bytes]:
+    """For an entry of this shape: its field count, and the ``%``-format of every field after
+    the body (the CRLF that ends the body first), a ``%d`` and a ``%b`` per value."""
+    names = [*_FIXED_AFTER_BODY, *(name for name, bit in _SHAPE_BITS if shape & bit)]
+    if shape & _TIMESTAMP_BIT:
+        names.append("timestamp")
+    if shape & _HEADERS_BIT:
+        names.append("headers")
+    packed = b"".join(_bulk_string(name.encode()) + b"$%d\r\n%b\r\n" for name in names)
+    return 1 + len(names), b"\r\n" + packed
+
+
+def entry_resp(message: Message) -> tuple[int, bytes, bytes, bytes]:
+    """``entry_fields(message)`` as the fields of an XADD in RESP, without building them: the
+    number of fields, the body's name and length prefix, the body (not copied), and every field
+    after it. The stream sink's hot path; a test holds it to ``entry_fields``, byte for byte."""
+    values = message.__dict__
+    routing_key = message.routing_key.encode()
+    exchange = message.exchange.encode()
+    queue = message.queue.encode()
+    args: list[int | bytes] = [
+        len(routing_key),
+        routing_key,
+        len(exchange),
+        exchange,
+        len(queue),
+        queue,
+    ]
+    shape = 0
+    for name, bit in _SHAPE_BITS:
+        value = values[name]
+        if value is not None:
+            raw = value.encode()
+            args += (len(raw), raw)
+            shape |= bit
+    timestamp = message.timestamp
+    if timestamp is not None:
+        raw = _seconds_text(timestamp).encode()
+        args += (len(raw), raw)
+        shape |= _TIMESTAMP_BIT
+    if message.headers:
+        raw = headers_json(message.headers)
+        args += (len(raw), raw)
+        shape |= _HEADERS_BIT
+    count, rest = _rest_format(shape)
+    body = message.body
+    return count, b"%b$%d\r\n" % (_BODY_NAME, len(body)), body, rest % tuple(args)
 
 
 def one_line(text: str, limit: int = 500) -> str:

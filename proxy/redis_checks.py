@@ -165,7 +165,7 @@ async def _on_key(
     ``key``, one command at a time: ``MULTI`` must be known to hold before anything follows it."""
     from redis import exceptions as redis_errors
 
-    from proxy.sinks.redis_stream import pack_commands
+    from proxy.sinks.resp import pack_commands
 
     async with _connection_for(client, key) as connection:
 

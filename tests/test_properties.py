@@ -13,15 +13,19 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from redis.asyncio.connection import Connection
 
 from proxy.amqp.frames import lenient_timestamp
 from proxy.config import Config, parse_config
-from proxy.encoding import DeadLetterInfo, dead_letter_fields, entry_fields
+from proxy.encoding import DeadLetterInfo, dead_letter_fields, entry_fields, entry_resp
 from proxy.errors import ConfigError
 from proxy.message import HOPS_HEADER, Message, header_text
 from proxy.routing import ExchangeTarget, Rejected, Routed, Router, StreamTarget, topic_matches
+from proxy.sinks.redis_stream import packed_xadds
+from proxy.sinks.resp import pack_commands
 
 REASONS = {"unrouted", "template", "not-json", "too-large", "plugin-error", "loop"}
 
@@ -314,6 +318,22 @@ def test_entry_fields_keep_the_body_and_encode_every_header(message: Message) ->
         if isinstance(value, str | bytes | bool | int | list | dict) or value is None:
             if _plain(value):
                 assert decoded[name] == _decoded_header(value)
+
+
+@SETTINGS
+@given(message=messages())
+def test_entry_resp_is_entry_fields_as_redis_py_packs_them(message: Message) -> None:
+    try:
+        fields = entry_fields(message)
+    except Exception as exc:  # headers that cannot be encoded: both refuse them alike
+        with pytest.raises(type(exc)):
+            entry_resp(message)
+        return
+    target = StreamTarget("r", "s", "s", 100)
+    packed = pack_commands(packed_xadds([(0, target, None, entry_resp(message))]))  # type: ignore[list-item]
+    flat = [part for pair in fields.items() for part in pair]
+    reference = Connection().pack_command("XADD", "s", "MAXLEN", "~", 100, "*", *flat)
+    assert packed == b"".join(reference)
 
 
 def _plain(value: Any) -> bool:

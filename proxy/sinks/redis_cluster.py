@@ -49,13 +49,16 @@ from proxy.sinks.redis_stream import (
     _reply_outcome,
     _script_call,
     check_replicas,
-    pack_commands,
+    packed_xadds,
     plan_batch,
     wait_command,
 )
+from proxy.sinks.resp import Command, pack_commands, read_replies
 
 log = logging.getLogger(__name__)
 
+_PING: Command = ["PING"]
+_ASKING: Command = ["ASKING"]
 # Redirections followed within one publish_batch before the batch is held as transient.
 MAX_REDIRECT_ROUNDS = 5
 _SCRIPT_SHA = hashlib.sha1(_DEDUPE_SCRIPT.encode()).hexdigest()
@@ -63,7 +66,7 @@ _SCRIPT_SHA = hashlib.sha1(_DEDUPE_SCRIPT.encode()).hexdigest()
 
 @dataclass(slots=True)
 class _Command:
-    args: list[Any]
+    args: Command
     slot: int
     ask: tuple[str, int] | None = None  # where an ASK sent it, for the next round only
 
@@ -99,7 +102,7 @@ class RedisClusterSink:
                 raise redis_errors.ClusterDownError("no master known")
             await _first_error(
                 await asyncio.gather(
-                    *(self._send(node, [["PING"]], ask=[False]) for node in masters),
+                    *(self._send(node, [_PING], ask=[False]) for node in masters),
                     return_exceptions=True,
                 )
             )
@@ -115,13 +118,16 @@ class RedisClusterSink:
     async def publish_batch(self, items: Sequence[Publish]) -> list[Outcome]:
         outcomes, plain, deduped = plan_batch(items)
         calls = [_script_call(t, e, self._window_ms) for t, e in deduped.items()]
-        commands = [_Command(args, key_slot(target.name.encode())) for _, target, args in plain]
+        commands = [
+            _Command(command, key_slot(target.name.encode()))
+            for (_, target, _, _), command in zip(plain, packed_xadds(plain), strict=True)
+        ]
         for call, target in zip(calls, deduped, strict=True):
             call.args[1] = _SCRIPT_SHA
             commands.append(_Command(call.args, key_slot(target.name.encode())))
         replies = await self._guarded(self._write(commands))
         try:
-            for (index, target, _), reply in zip(plain, replies, strict=False):
+            for (index, target, _, _), reply in zip(plain, replies, strict=False):
                 if isinstance(reply, Exception):
                     outcomes[index] = _reply_outcome(reply, target)
             scripted = list(zip(calls, replies[len(plain) :], strict=True))
@@ -219,7 +225,7 @@ class RedisClusterSink:
             seen["ASK"] += 1
             command.ask = (reply.host, reply.port)
             return True
-        if isinstance(reply, redis_errors.NoScriptError):
+        if isinstance(reply, redis_errors.NoScriptError) and type(command.args) is list:
             command.args[0], command.args[1] = "EVAL", _DEDUPE_SCRIPT
             return True
         return False
@@ -242,28 +248,22 @@ class RedisClusterSink:
         )
         return replies
 
-    async def _send(self, node: ClusterNode, commands: list[list[Any]], *, ask: list[bool]) -> Any:
+    async def _send(self, node: ClusterNode, commands: list[Command], *, ask: list[bool]) -> Any:
         """One write of ``commands`` (each after ``ASKING`` where ``ask``), WAIT last when asked
         for, on one of the node's connections; the replies in order, errors as exceptions."""
-        packed: list[list[Any]] = []
+        packed: list[Command] = []
         for args, asking in zip(commands, ask, strict=True):
             if asking:
-                packed.append(["ASKING"])
+                packed.append(_ASKING)
             packed.append(args)
-        writes = bool(commands) and commands[0][0] != "PING"
+        writes = commands != [_PING]
         if self._wait and writes:
             packed.append(self._wait)
         connection = node.acquire_connection()
         try:
             await connection.send_packed_command(pack_commands(packed), check_health=False)
-            replies: list[Any] = []
-            for command in packed:
-                try:
-                    reply = await connection.read_response(disable_decoding=True)
-                except redis_errors.ResponseError as exc:
-                    reply = exc
-                if command[0] != "ASKING":
-                    replies.append(reply)
+            every = await read_replies(connection, len(packed))
+            replies = [r for r, c in zip(every, packed, strict=True) if c is not _ASKING]
         except BaseException:
             await connection.disconnect()  # half read: its next user would get our replies
             raise

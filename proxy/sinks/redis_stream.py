@@ -29,13 +29,22 @@ from redis import exceptions as redis_errors
 from redis.crc import key_slot
 
 from proxy.config import RedisSettings
-from proxy.encoding import DeadLetterInfo, Fields, dead_letter_fields, entry_fields
+from proxy.encoding import DeadLetterInfo, Fields, dead_letter_fields, entry_fields, entry_resp
 from proxy.errors import PermanentError, TransientError
 from proxy.message import EMPTY_HEADERS, Message
 from proxy.routing import StreamTarget
 from proxy.sinks import Accepted, Outcome, Publish
 from proxy.sinks.redis_offsets import ALREADY_WRITTEN, parse_offsets, record_call, recording_call
 from proxy.sinks.redis_offsets import Entry as RecordingEntry
+from proxy.sinks.resp import (
+    Command,
+    PackedEntry,
+    XaddHead,
+    pack_commands,
+    packed_fields,
+    packed_xadd,
+    read_replies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,23 +201,6 @@ def _flat(fields: Fields) -> list[bytes | str]:
     return [part for pair in fields.items() for part in pair]
 
 
-def _bulk(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        raw = value
-    elif isinstance(value, str):
-        raw = value.encode()
-    else:
-        raw = str(value).encode()  # integers: window, maxlen, counts
-    return b"$%d\r\n%b\r\n" % (len(raw), raw)
-
-
-def pack_commands(commands: Sequence[Sequence[Any]]) -> bytes:
-    """Commands in the RESP wire format, ready to write in one go."""
-    return b"".join(
-        b"*%d\r\n%b" % (len(command), b"".join(map(_bulk, command))) for command in commands
-    )
-
-
 def _too_large_entry(message: Message, info: DeadLetterInfo) -> Fields:
     head = dataclasses.replace(message, body=message.body[:TOO_LARGE_BODY_KEPT])
     fields = dead_letter_fields(head, info)
@@ -338,9 +330,11 @@ class RedisStreamSink:
                 calls = [_script_call(t, e, self._window_ms) for t, e in deduped.items()]
             else:
                 calls = native.calls(deduped)
-        commands = [args for _, _, args in plain] + [call.args for call in calls]
-        replies = await self._execute(commands, transaction=native is not None)
-        for (index, target, _), reply in zip(plain, replies, strict=False):
+        transaction = native is not None
+        commands = xadd_arguments(plain) if transaction else packed_xadds(plain)
+        commands += [call.args for call in calls]
+        replies = await self._execute(commands, transaction=transaction)
+        for (index, target, _, _), reply in zip(plain, replies, strict=False):
             if isinstance(reply, Exception):
                 outcomes[index] = _reply_outcome(reply, target)
         for call, reply in zip(calls, replies[len(plain) :], strict=True):
@@ -379,15 +373,16 @@ class RedisStreamSink:
             outcomes[index] = _recording_outcome(result, target, deduped, dedupe is not None)
         return outcomes, record and done == 1
 
-    async def _execute(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
+    async def _execute(self, commands: list[Command], *, transaction: bool) -> list[Any]:
         # An EVALSHA command carries its script's text until here, then the script's sha.
-        scripts = {
-            position: command[1]
+        calls = {
+            position: command
             for position, command in enumerate(commands)
-            if command[0] == "EVALSHA"
+            if type(command) is list and command[0] == "EVALSHA"
         }
+        scripts = {position: command[1] for position, command in calls.items()}
         for position, script in scripts.items():
-            commands[position][1] = await self._sha(script)
+            calls[position][1] = await self._sha(script)
         replies = await self._pipeline(commands, transaction=transaction)
         missing = [
             position
@@ -397,7 +392,7 @@ class RedisStreamSink:
         if missing:  # those calls did not run at all: load the script and run just them again
             self._script_shas.clear()
             for position in missing:
-                commands[position][1] = await self._sha(scripts[position])
+                calls[position][1] = await self._sha(scripts[position])
             again = await self._pipeline([commands[p] for p in missing], transaction=False)
             for position, reply in zip(missing, again, strict=True):
                 replies[position] = reply
@@ -409,7 +404,7 @@ class RedisStreamSink:
             sha = self._script_shas[script] = await self._guarded(self._client.script_load(script))
         return sha
 
-    async def _pipeline(self, commands: list[list[Any]], *, transaction: bool) -> list[Any]:
+    async def _pipeline(self, commands: list[Command], *, transaction: bool) -> list[Any]:
         if transaction:
             pipe = self._client.pipeline(transaction=True)
             for command in commands:
@@ -428,18 +423,14 @@ class RedisStreamSink:
 
         redis-py's pipeline packs each argument in Python and runs a reply callback per command:
         about 13 us per XADD, the largest single cost of a delivery. Replies stay undecoded (an
-        entry id is only checked for being one); error replies come back as exceptions.
+        entry id is only checked for being one); error replies come back as exceptions. The
+        caller's deadline (``_guarded``) bounds the write and every reply together.
         """
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await connection.read_response(disable_decoding=True))
-                except redis_errors.ResponseError as exc:
-                    replies.append(exc)
+            replies = await read_replies(connection, count)
         except BaseException:
             # A half-read connection must not go back to the pool: its next reader would get
             # our replies.
@@ -477,8 +468,26 @@ class RedisStreamSink:
         self._server = None
 
 
-# Plain entries, one XADD each (the hot path): (item index, target, the XADD's arguments).
-Plain = list[tuple[int, StreamTarget, list[Any]]]
+# Plain entries, one XADD each (the hot path): item index, target, item, its fields packed.
+Plain = list[tuple[int, StreamTarget, Publish, PackedEntry]]
+
+
+def packed_xadds(plain: Plain) -> list[Command]:
+    """The XADD of every plain entry, packed (each target's head once)."""
+    heads: dict[int, XaddHead] = {}  # by target, for this call (its targets outlive it)
+    commands: list[Command] = []
+    append = commands.append
+    for _index, target, _item, entry in plain:
+        head = heads.get(id(target))
+        if head is None:
+            head = heads[id(target)] = XaddHead.of(target.name, target.maxlen)
+        append(packed_xadd(head, entry))
+    return commands
+
+
+def xadd_arguments(plain: Plain) -> list[Command]:
+    """The XADD of every plain entry as arguments (for redis-py's own pipeline)."""
+    return [[*_xadd_args(t), "*", *_flat(_encode(item))] for _i, t, item, _e in plain]
 
 
 def plan_batch(
@@ -488,22 +497,30 @@ def plan_batch(
     rest become a plain XADD or an entry of their stream's de-duplicated write."""
     outcomes: list[Outcome] = [None] * len(items)
     encoded: dict[int, Fields | PermanentError] = {}
+    packed: dict[int, PackedEntry | PermanentError] = {}
     plain: Plain = []
     deduped: dict[StreamTarget, list[Entry]] = {}
     for index, item in enumerate(items):
         target = item.target
-        if not isinstance(target, StreamTarget):
+        if type(target) is not StreamTarget:
             raise TypeError(f"a Redis sink cannot publish to {target!r}")
         key = id(item.message) if item.dead_letter is None else id(item)
-        fields = encoded.get(key)
-        if fields is None:
-            fields = encoded[key] = _encode_or_refuse(item)
-        if isinstance(fields, PermanentError):
-            outcomes[index] = fields
-        elif target.dedupe and item.dead_letter is None:
-            deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
+        if target.dedupe and item.dead_letter is None:
+            fields = encoded.get(key)
+            if fields is None:
+                fields = encoded[key] = _encode_or_refuse(item)
+            if isinstance(fields, PermanentError):
+                outcomes[index] = fields
+            else:
+                deduped.setdefault(target, []).append((index, dedupe_id(item.message), fields))
+            continue
+        entry = packed.get(key)
+        if entry is None:
+            entry = packed[key] = _pack_or_refuse(item)
+        if isinstance(entry, PermanentError):
+            outcomes[index] = entry
         else:
-            plain.append((index, target, [*_xadd_args(target), "*", *_flat(fields)]))
+            plain.append((index, target, item, entry))
     return outcomes, plain, deduped
 
 
@@ -542,6 +559,15 @@ def _recording_outcome(result: Any, target: StreamTarget, deduped: bool, has_id:
         return _script_outcome(result, target, has_id)
     text = result.decode(errors="replace") if isinstance(result, bytes) else str(result)
     return None if text[:1].isdigit() else _refused(target, text)
+
+
+def _pack_or_refuse(item: Publish) -> PackedEntry | PermanentError:
+    try:
+        if item.dead_letter is None:
+            return entry_resp(item.message)
+        return packed_fields(_encode(item))
+    except Exception as exc:  # headers that cannot be encoded cost this message, not the worker
+        return PermanentError("rejected", f"cannot encode the entry: {type(exc).__name__}: {exc}")
 
 
 def _encode_or_refuse(item: Publish) -> Fields | PermanentError:
