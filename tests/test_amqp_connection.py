@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -16,6 +17,7 @@ import pytest
 from pamqp import commands as spec
 from pamqp import exceptions as pamqp_exceptions
 from pamqp import frame
+from pamqp.header import ContentHeader
 
 from proxy.amqp import frames
 from proxy.amqp.connection import AmqpConnection
@@ -313,6 +315,56 @@ async def test_a_delivery_for_a_cancelled_consumer_is_given_back_not_left_unsett
     connection.data_received(deliver_frames("gone", 9, good_header, b"x"))
     assert received.items == []
     assert written.data == frames.reject_frame(1, 9, requeue=True)
+
+
+def _header(properties: spec.Basic.Properties, body_size: int) -> bytes:
+    return frame.marshal(ContentHeader(0, body_size, properties), 1)[7:-1]
+
+
+def _stream_of_deliveries() -> bytes:
+    """Four deliveries as RabbitMQ sends them: every property, an empty body, a body in three
+    frames, and after a heartbeat a plain one."""
+    every = spec.Basic.Properties(
+        content_type="application/json", headers={"tenant": "acme", "n": 7}, delivery_mode=2,
+        message_id="m-1", timestamp=datetime(2024, 5, 1, 12, 0, tzinfo=UTC), app_id="shop",
+    )  # fmt: skip
+    body = b'{"a": 1}'
+    split = b"abcdefghij"
+    split_body = b"".join(
+        b"\x03\x00\x01" + len(part).to_bytes(4, "big") + part + b"\xce"
+        for part in (split[:3], split[3:6], split[6:])
+    )
+    first_two = deliver_frames("ctag", 1, _header(every, len(body)), body)
+    empty = frame.marshal(spec.Basic.Deliver("ctag", 2, True, "app", "k"), 1)
+    empty += b"\x02\x00\x01" + (14).to_bytes(4, "big") + _header(spec.Basic.Properties(), 0)
+    empty += b"\xce"
+    in_parts = frame.marshal(spec.Basic.Deliver("ctag", 3, False, "", "q"), 1)
+    header = _header(spec.Basic.Properties(message_id="m-3"), len(split))
+    in_parts += b"\x02\x00\x01" + len(header).to_bytes(4, "big") + header + b"\xce"
+    in_parts += split_body
+    last = deliver_frames("ctag", 4, _header(spec.Basic.Properties(), 1), b"z")
+    return first_two + empty + in_parts + frames.HEARTBEAT + last
+
+
+async def test_deliveries_read_the_same_however_the_reads_cut_them() -> None:
+    """Whole in one read (the one-pass path), cut at every byte in two, and byte by byte (the
+    frame-by-frame path): the same messages, tags and properties."""
+    data = _stream_of_deliveries()
+    connection, _, whole = await fed_connection()
+    connection.data_received(data)
+    assert [tag for _, tag, _ in whole.items] == [1, 2, 3, 4]
+    bodies = [values["body"] for values, _, _ in whole.items]
+    assert bodies == [b'{"a": 1}', b"", b"abcdefghij", b"z"]
+    assert whole.items[0][0]["headers"] == {"tenant": "acme", "n": 7}
+    assert whole.items[1][0]["redelivered"] is True
+    cuts = [[data[:at], data[at:]] for at in range(1, len(data))]
+    cuts.append([data[at : at + 1] for at in range(len(data))])
+    for reads in cuts:
+        connection, _, received = await fed_connection()
+        for read in reads:
+            connection.data_received(read)
+        assert received.items == whole.items
+        assert not connection.closed.done()
 
 
 def _depth_is(queue: str, depth: int) -> Any:

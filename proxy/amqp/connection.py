@@ -421,7 +421,18 @@ class AmqpConnection(asyncio.Protocol):
         """Handle every whole frame in ``data``; returns the bytes used."""
         position, size_of_data = 0, len(data)
         head = wire.FRAME_HEAD.unpack_from
+        deliver, whole_delivery = wire.DELIVER_METHOD, wire.read_delivery
         while size_of_data - position >= wire.FRAME_OVERHEAD:
+            if data.startswith(deliver, position) and self._delivery is None:
+                # The common case, in one pass: a delivery's three frames all in this read.
+                whole = whole_delivery(data, position)
+                if whole is not None:
+                    consumer_tag, tag, values, after = whole
+                    consumer = self._consumers.get(consumer_tag)
+                    if consumer is not None:
+                        self._hand_over(consumer, tag, values, None)
+                        position = after
+                        continue
             kind, channel, size = head(data, position)
             end = position + 7 + size
             if end >= size_of_data:
@@ -567,11 +578,16 @@ class AmqpConnection(asyncio.Protocol):
     def _deliver(self, delivery: _Delivery, body: bytes) -> None:
         self._delivery = None
         delivery.values["body"] = body
+        self._hand_over(delivery.consumer, delivery.tag, delivery.values, delivery.defect)
+
+    def _hand_over(
+        self, consumer: Consumer, tag: int, values: dict[str, Any], defect: str | None
+    ) -> None:
         held = self._held
-        if held is not None and delivery.consumer is not _ignore:
-            if held.hold(delivery.tag, len(body)) and not self._reading_paused:
+        if held is not None and consumer is not _ignore:
+            if held.hold(tag, len(values["body"])) and not self._reading_paused:
                 self._pause_reading()  # takes effect after this read: the rest of it is handled
-        delivery.consumer(delivery.values, delivery.tag, delivery.defect)
+        consumer(values, tag, defect)
 
     # --- heartbeats ---
 

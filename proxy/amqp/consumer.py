@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from proxy.amqp.connection import AmqpConnection, Consumer
 from proxy.amqp.nodes import Node, NodeRotation, nodes_of
@@ -63,8 +63,9 @@ class Settler(Protocol):
     def reject(self, delivery_tag: int, *, requeue: bool = False) -> None: ...
 
 
-@dataclass(slots=True, eq=False)
-class Delivery:
+class Delivery(NamedTuple):
+    """One message as delivered, until it is settled. A tuple: one is made per delivery."""
+
     message: Message
     tag: int
     channel: Settler
@@ -296,12 +297,15 @@ class AmqpSource:
 
     def _consumer_for(self, queue: str, connection: AmqpConnection) -> Consumer:
         deliver, clock, message_of = self._deliver, self._clock, Message.of
+        new_tuple = tuple.__new__
 
         def on_message(values: dict[str, Any], tag: int, defect: str | None) -> None:
             values["queue"] = queue
             if values["headers"] is None:
                 values["headers"] = EMPTY_HEADERS
-            deliver(Delivery(message_of(values), tag, connection, clock(), defect))
+            # Delivery(...) without the NamedTuple's Python-level __new__: once per delivery.
+            fields = (message_of(values), tag, connection, clock(), defect, None)
+            deliver(new_tuple(Delivery, fields))
 
         return on_message
 

@@ -49,12 +49,15 @@ _HEADER_HEAD = struct.Struct(">HHQH")  # class, weight, body size, property flag
 _PUBLISH_HEAD = struct.Struct(">HHH")  # class, method, reserved
 _CONFIRM = struct.Struct(">QB")  # delivery tag, flag bits
 _U8 = struct.Struct(">B")
+_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ACK = struct.Struct(">BHIHHQB")  # frame head, class, method, delivery tag, flag bits; then 0xCE
 _FRAME_END = b"\xce"
 
 BASIC_CLASS = 60
 BASIC_DELIVER = (60, 60)
+DELIVER_METHOD = b"\x01\x00\x01"  # how a method frame on channel 1 starts
+_DELIVER_ID = b"\x00\x3c\x00\x3c"  # basic.deliver
 BASIC_ACK = (60, 80)
 BASIC_NACK = (60, 120)
 _BASIC_PUBLISH = 40
@@ -120,12 +123,71 @@ def body_size(payload: bytes) -> int:
 
 def decode_content_header(payload: bytes) -> tuple[int, dict[str, Any]]:
     """A content header: the body size, and every property under ``Message``'s field names."""
+    return _checked_properties(payload, 0, len(payload))
+
+
+def read_delivery(data: bytes, start: int) -> tuple[str, int, dict[str, Any], int] | None:
+    """A whole delivery at ``start`` in the bytes read from the socket: ``basic.deliver``, its
+    content header and its body, the body in one frame, each frame complete and well formed.
+
+    Returns the consumer tag, the delivery tag, the message's fields (``Message``'s names, the
+    body included, ``queue`` left to the caller) and where the next frame starts. None when the
+    three frames are not all in ``data`` yet, or not in this shape, or the properties cannot be
+    read: the frame-by-frame path takes them then (and says why a header is unreadable). Nearly
+    every delivery comes this way, read in one pass without a payload copied per frame.
+    """
+    if not data.startswith(_DELIVER_ID, start + 7):
+        return None
     try:
-        return _content_header(payload)
-    except FrameError:
-        raise
-    except (ValueError, IndexError, OverflowError, OSError, struct.error) as exc:
-        raise FrameError(str(exc) or type(exc).__name__) from exc
+        return _whole_delivery(data, start)
+    except (FrameError, ValueError, IndexError, OverflowError, OSError, struct.error):
+        return None
+
+
+def _whole_delivery(data: bytes, start: int) -> tuple[str, int, dict[str, Any], int] | None:
+    size_of_data = len(data)
+    method_end = start + 7 + _U32.unpack_from(data, start + 3)[0]
+    if method_end >= size_of_data or data[method_end] != FRAME_END:
+        return None
+    offset = start + 12  # frame head, class and method, the consumer tag's length
+    size = data[offset - 1]
+    consumer_tag = data[offset : offset + size].decode("utf-8", "replace")
+    delivery_tag, bits = _DELIVER_TAG.unpack_from(data, offset + size)
+    offset += size + 9
+    size = data[offset]
+    exchange = data[offset + 1 : offset + 1 + size].decode("utf-8", "replace")
+    offset += 1 + size
+    size = data[offset]
+    routing_key = data[offset + 1 : offset + 1 + size].decode("utf-8", "replace")
+    if offset + 1 + size != method_end:
+        return None
+    header_start = method_end + 1
+    if header_start + FRAME_OVERHEAD > size_of_data:
+        return None
+    kind, _channel, size = FRAME_HEAD.unpack_from(data, header_start)
+    header_end = header_start + 7 + size
+    if kind != FRAME_HEADER or header_end >= size_of_data or data[header_end] != FRAME_END:
+        return None
+    body_size, values = _properties(data, header_start + 7, header_end)
+    next_frame = header_end + 1
+    if body_size == 0:
+        body = b""
+    else:
+        if next_frame + FRAME_OVERHEAD > size_of_data:
+            return None
+        kind, _channel, size = FRAME_HEAD.unpack_from(data, next_frame)
+        body_end = next_frame + 7 + size
+        if kind != FRAME_BODY or size != body_size or body_end >= size_of_data:
+            return None
+        if data[body_end] != FRAME_END:
+            return None
+        body = data[next_frame + 7 : body_end]
+        next_frame = body_end + 1
+    values["exchange"] = exchange
+    values["routing_key"] = routing_key
+    values["redelivered"] = bool(bits & 1)
+    values["body"] = body
+    return consumer_tag, delivery_tag, values, next_frame
 
 
 NO_PROPERTIES: dict[str, Any] = dict.fromkeys(
@@ -148,82 +210,112 @@ NO_PROPERTIES: dict[str, Any] = dict.fromkeys(
 )
 
 
-def _content_header(payload: bytes) -> tuple[int, dict[str, Any]]:
-    body_size, flags = _HEADER_SIZE_FLAGS.unpack_from(payload, 4)
+def _checked_properties(data: bytes, start: int, end: int) -> tuple[int, dict[str, Any]]:
+    try:
+        return _properties(data, start, end)
+    except FrameError:
+        raise
+    except (ValueError, IndexError, OverflowError, OSError, struct.error) as exc:
+        raise FrameError(str(exc) or type(exc).__name__) from exc
+
+
+def _properties(data: bytes, start: int, end: int) -> tuple[int, dict[str, Any]]:  # noqa: C901
+    """The content header whose payload is ``data[start:end]``: body size and properties.
+
+    Straight-line on purpose, in wire order, short strings read inline: this runs once per
+    message. A string or table that runs past ``end`` ends past it, which the last check sees.
+    """
+    body_size, flags = _HEADER_SIZE_FLAGS.unpack_from(data, start + 4)
     if flags & 0x0001:
         raise FrameError("content header with a second property-flags word")
-    offset = 14
-    values: dict[str, Any] = {}
-    # Straight-line on purpose, in wire order: this runs once per message.
+    offset = start + 14
+    content_type = content_encoding = headers = delivery_mode = priority = None
+    correlation_id = reply_to = expiration = message_id = timestamp = None
+    message_type = user_id = app_id = None
     if flags & 0x8000:
-        values["content_type"], offset = _short_str(payload, offset)
-    else:
-        values["content_type"] = None
+        size = data[offset]
+        offset += 1 + size
+        content_type = data[offset - size : offset].decode("utf-8", "replace")
     if flags & 0x4000:
-        values["content_encoding"], offset = _short_str(payload, offset)
-    else:
-        values["content_encoding"] = None
+        size = data[offset]
+        offset += 1 + size
+        content_encoding = data[offset - size : offset].decode("utf-8", "replace")
     headers_at = offset
     if flags & 0x2000:
-        values["headers"], offset = decode_table(payload, offset)
-    else:
-        values["headers"] = None
+        headers, offset = decode_table(data, offset, end)
     headers_end = offset
     if flags & 0x1000:
-        values["delivery_mode"] = payload[offset]
+        delivery_mode = data[offset]
         offset += 1
-    else:
-        values["delivery_mode"] = None
     if flags & 0x0800:
-        values["priority"] = payload[offset]
+        priority = data[offset]
         offset += 1
-    else:
-        values["priority"] = None
-    offset = _identity_properties(payload, offset, flags, values)
-    if offset > len(payload):
-        raise FrameError("content header shorter than its properties")
-    values["raw_properties"] = RawProperties(
-        flags,
-        payload[14:headers_at],
-        payload[headers_at:headers_end],
-        payload[headers_end:offset],
-    )
-    return body_size, values
-
-
-def _identity_properties(payload: bytes, offset: int, flags: int, values: dict[str, Any]) -> int:
-    """The properties after priority, in wire order; returns the offset after them."""
-    for name, bit in _SHORT_STRINGS_BEFORE_TIMESTAMP:
-        if flags & bit:
-            values[name], offset = _short_str(payload, offset)
-        else:
-            values[name] = None
+    if flags & 0x0400:
+        size = data[offset]
+        offset += 1 + size
+        correlation_id = data[offset - size : offset].decode("utf-8", "replace")
+    if flags & 0x0200:
+        size = data[offset]
+        offset += 1 + size
+        reply_to = data[offset - size : offset].decode("utf-8", "replace")
+    if flags & 0x0100:
+        size = data[offset]
+        offset += 1 + size
+        expiration = data[offset - size : offset].decode("utf-8", "replace")
+    if flags & 0x0080:
+        size = data[offset]
+        offset += 1 + size
+        message_id = data[offset - size : offset].decode("utf-8", "replace")
     if flags & 0x0040:
-        (count,) = _U64.unpack_from(payload, offset)
-        if count <= 0xFFFFFFFF:  # seconds, as nearly every publisher sends: the short way
-            values["timestamp"] = datetime.fromtimestamp(count, UTC)
-        else:
-            values["timestamp"] = timestamp_of(count)
+        (count,) = _U64.unpack_from(data, offset)
         offset += 8
-    else:
-        values["timestamp"] = None
-    for name, bit in _SHORT_STRINGS_AFTER_TIMESTAMP:
-        if flags & bit:
-            values[name], offset = _short_str(payload, offset)
-        else:
-            values[name] = None
+        # Seconds, as nearly every publisher sends, the short way; other units as tables read them.
+        timestamp = _from_seconds(count, UTC) if count <= 0xFFFFFFFF else timestamp_of(count)
+    if flags & 0x0020:
+        size = data[offset]
+        offset += 1 + size
+        message_type = data[offset - size : offset].decode("utf-8", "replace")
+    if flags & 0x0010:
+        size = data[offset]
+        offset += 1 + size
+        user_id = data[offset - size : offset].decode("utf-8", "replace")
+    if flags & 0x0008:
+        size = data[offset]
+        offset += 1 + size
+        app_id = data[offset - size : offset].decode("utf-8", "replace")
     if flags & 0x0004:  # cluster-id: deprecated, read past and dropped
-        _, offset = _short_str(payload, offset)
-    return offset
+        offset += 1 + data[offset]
+    if offset > end:
+        raise FrameError("content header shorter than its properties")
+    raw = _new_tuple(
+        RawProperties,
+        (
+            flags,
+            data[start + 14 : headers_at],
+            data[headers_at:headers_end],
+            data[headers_end:offset],
+        ),
+    )
+    return body_size, {
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "headers": headers,
+        "delivery_mode": delivery_mode,
+        "priority": priority,
+        "correlation_id": correlation_id,
+        "reply_to": reply_to,
+        "expiration": expiration,
+        "message_id": message_id,
+        "timestamp": timestamp,
+        "type": message_type,
+        "user_id": user_id,
+        "app_id": app_id,
+        "raw_properties": raw,
+    }
 
 
-_SHORT_STRINGS_BEFORE_TIMESTAMP = (
-    ("correlation_id", 0x0400),
-    ("reply_to", 0x0200),
-    ("expiration", 0x0100),
-    ("message_id", 0x0080),
-)
-_SHORT_STRINGS_AFTER_TIMESTAMP = (("type", 0x0020), ("user_id", 0x0010), ("app_id", 0x0008))
+_from_seconds = datetime.fromtimestamp
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__: once per message
 
 
 def _short_str(data: bytes, offset: int) -> tuple[str, int]:

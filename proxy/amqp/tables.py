@@ -129,29 +129,27 @@ def _read(kind: int) -> Callable[[bytes, int], tuple[Any, int]]:
     return reader
 
 
-def _key(data: bytes, offset: int) -> tuple[str | bytes, int]:
-    size = data[offset]
-    end = offset + 1 + size
-    raw = data[offset + 1 : end]
-    if len(raw) != size:
-        raise FrameError("field name longer than its table")
-    try:
-        return raw.decode(), end
-    except UnicodeDecodeError:
-        return raw, end  # kept, not replaced: it is encoded like a non-UTF-8 value downstream
-
-
-def decode_table(data: bytes, offset: int) -> tuple[Table, int]:
-    """A field table at ``offset`` (its length first): the table, and the offset after it."""
+def decode_table(data: bytes, offset: int, limit: int | None = None) -> tuple[Table, int]:
+    """A field table at ``offset`` (its length first): the table, and the offset after it.
+    ``limit``: where the frame holding it ends (default: the end of ``data``)."""
     try:
         (length,) = _U32.unpack_from(data, offset)
         offset += 4
         end = offset + length
-        if end > len(data):
+        if end > (len(data) if limit is None else limit):
             raise FrameError("field table longer than its frame")
         table: Table = {}
         while offset < end:
-            key, offset = _key(data, offset)
+            size = data[offset]  # the key, read inline: once per header of every message
+            key_end = offset + 1 + size
+            raw_key = data[offset + 1 : key_end]
+            if len(raw_key) != size:
+                raise FrameError("field name longer than its table")
+            try:
+                key: str | bytes = raw_key.decode()
+            except UnicodeDecodeError:
+                key = raw_key  # kept, not replaced: encoded like a non-UTF-8 value downstream
+            offset = key_end
             kind = data[offset]
             if kind == 0x53:  # "S", a long string: by far the most common, read inline
                 (size,) = _U32.unpack_from(data, offset + 1)
