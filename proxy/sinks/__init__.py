@@ -13,9 +13,8 @@ A sink that can also keep stream-queue offsets (Redis) is an ``OffsetStore`` as 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from proxy.encoding import DeadLetterInfo
 from proxy.errors import PermanentError
@@ -37,8 +36,9 @@ class Accepted(Enum):
 Outcome = PermanentError | Accepted | None
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(NamedTuple):
+    """One message to one destination (a tuple: one is made per message and destination)."""
+
     message: Message
     target: Target
     dead_letter: DeadLetterInfo | None = None
