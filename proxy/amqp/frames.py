@@ -39,6 +39,7 @@ PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = 0xCE
 FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size
+_END_THEN_HEAD = struct.Struct(">BBHI")  # a frame's end octet, then the next frame's head
 FRAME_OVERHEAD = 8  # head and end octet
 HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
@@ -362,16 +363,23 @@ def publish_method(exchange: str, routing_key: str) -> bytes:
 
 
 def content_frames(channel: int, header: bytes, body: bytes, frame_max: int) -> list[bytes]:
-    """The content header frame and the body frames of one publish (none for an empty body)."""
+    """The content header frame and the body frames of one publish (none for an empty body), as
+    parts to join: the header and a body that fits one frame are not copied into their frames."""
+    size = len(body)
+    if size == 0:
+        return [FRAME_HEAD.pack(FRAME_HEADER, channel, len(header)), header, _FRAME_END]
+    limit = frame_max - FRAME_OVERHEAD
+    if size <= limit:  # the common case: each frame's end and the next one's head in one part
+        return [
+            FRAME_HEAD.pack(FRAME_HEADER, channel, len(header)),
+            header,
+            _END_THEN_HEAD.pack(FRAME_END, FRAME_BODY, channel, size),
+            body,
+            _FRAME_END,
+        ]
     frames = [frame(FRAME_HEADER, channel, header)]
-    size = frame_max - FRAME_OVERHEAD
-    if len(body) <= size:
-        if body:
-            frames.append(frame(FRAME_BODY, channel, body))
-        return frames
     frames.extend(
-        frame(FRAME_BODY, channel, body[start : start + size])
-        for start in range(0, len(body), size)
+        frame(FRAME_BODY, channel, body[start : start + limit]) for start in range(0, size, limit)
     )
     return frames
 

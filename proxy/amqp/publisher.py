@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.amqp import frames as wire
 from proxy.amqp.connection import CHANNEL, AmqpConnection
@@ -39,9 +39,9 @@ REFUSAL_CODES = frozenset({403, 404, 405, 406})
 _METHOD_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One publish, encoded independently of the connection it goes out on."""
+class Outgoing(NamedTuple):
+    """One publish, encoded independently of the connection it goes out on (a tuple: one is
+    made per message)."""
 
     exchange: str
     routing_key: str

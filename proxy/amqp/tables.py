@@ -12,6 +12,7 @@ every other byte, so that what a relay passes on is what arrived except the entr
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -324,5 +325,15 @@ def splice_table(table: bytes, updates: Mapping[str, bytes], *, present: bool = 
                 kept.append(table[start : start + 1 + len(key)] + updates[name])
         body = b"".join(kept)
         updates = {name: value for name, value in updates.items() if name not in done}
-    added = b"".join(short_string(name) + value for name, value in updates.items())
+    if len(updates) == 1:  # the relay's hop count alone, nearly always
+        ((name, value),) = updates.items()
+        key = _name(name)
+        return b"".join((_U32.pack(len(body) + len(key) + len(value)), body, key, value))
+    added = b"".join(_name(name) + value for name, value in updates.items())
     return _long(body + added)
+
+
+@functools.lru_cache(maxsize=256)
+def _name(name: str) -> bytes:
+    """A field name as a short string: the relay's few names, encoded once."""
+    return short_string(name)

@@ -81,6 +81,7 @@ def message_properties(
 
 
 _FIRST_HOP = integer(1)
+_FIRST_HOP_ONLY = {HOPS_HEADER: _FIRST_HOP}
 
 
 def publish_header(message: Message, dead_letter: DeadLetterInfo | None = None) -> bytes:
@@ -89,12 +90,14 @@ def publish_header(message: Message, dead_letter: DeadLetterInfo | None = None) 
     raw = message.raw_properties
     if raw is None:
         return content_header(message_properties(message, dead_letter), len(message.body))
+    headers = message.headers
+    if dead_letter is None and HOPS_HEADER not in headers:  # nearly every message: a first hop
+        return passed_on_header(raw, len(message.body), _FIRST_HOP_ONLY, present=False)
     hops = message.hops
     owned = {HOPS_HEADER: _FIRST_HOP if hops == 0 else integer(hops + 1)}
     if dead_letter is not None:
         for name, value in dead_letter_headers(dead_letter, message).items():
             owned[name] = field_value(value)
-    headers = message.headers
     present = any(name in headers for name in owned)
     return passed_on_header(raw, len(message.body), owned, present=present)
 
@@ -104,11 +107,22 @@ def encode(item: Publish) -> Outgoing:
     target = item.target
     if not isinstance(target, ExchangeTarget):
         raise TypeError(f"AmqpExchangeSink cannot publish to {target!r}")
-    short_string(target.exchange)  # raises when longer than 255 bytes
-    short_string(target.routing_key)
+    _fits_short_string(target.exchange)
+    _fits_short_string(target.routing_key)
     message = item.message
     header = publish_header(message, item.dead_letter)
-    return Outgoing(target.exchange, target.routing_key, header, message.body)
+    # Outgoing(...) without the NamedTuple's Python-level __new__: once per message.
+    return _new_tuple(Outgoing, (target.exchange, target.routing_key, header, message.body))
+
+
+_new_tuple = tuple.__new__
+
+
+def _fits_short_string(text: str) -> None:
+    """Raises ``ValueError`` when ``text`` is longer than a short string's 255 bytes (63
+    characters or fewer always fit: UTF-8 takes at most 4 bytes for one)."""
+    if len(text) > 63:
+        short_string(text)
 
 
 # --- connection state ------------------------------------------------------------------------
