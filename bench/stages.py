@@ -57,6 +57,12 @@ RULES: tuple[Rule, ...] = (
     # batch with multiple confirms).
     Rule(WRITE, "proxy/amqp/connection.py", "AmqpConnection._on_publisher_notice"),
     Rule(ENCODE, "proxy/amqp/publisher.py", "Publisher._method"),
+    # The publishing half of the frame codec is the relay's encode, not its receive.
+    Rule(ENCODE, "proxy/amqp/frames.py", "frame"),
+    Rule(ENCODE, "proxy/amqp/frames.py", "publish_method"),
+    Rule(ENCODE, "proxy/amqp/frames.py", "content_*"),
+    Rule(ENCODE, "proxy/amqp/frames.py", "passed_on_header"),
+    Rule(ENCODE, "proxy/amqp/frames.py", "_identity_encoded"),
     # receive
     Rule(RECEIVE, "proxy/amqp/frames.py"),
     Rule(RECEIVE, "proxy/amqp/connection.py", "AmqpConnection.data_received"),
