@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hotpath, instructions, redis_modes, report, workloads
+from bench import batching, hotpath, instructions, redis_modes, report, workloads
 from bench.procs import REPO
 
 WORKLOADS = (
@@ -28,6 +28,7 @@ WORKLOADS = (
     "memory",
     "startup",
     "redis-cluster",
+    "batching",
 )
 
 
@@ -144,6 +145,19 @@ async def _run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             "7. drain into a 3-master Redis Cluster next to one Redis",
             lambda: redis_modes.compare(
                 max(10_000, args.messages // 2), max(5, args.runs), 16, log_dir, say
+            ),
+        ),
+        "batching": (
+            "8. natural batching: latency at 2,000 and 8,000 msg/s, drains against a 5 ms linger",
+            lambda: batching.run(
+                roles=list(batching.ROLES),
+                rates=[2000.0, 8000.0],
+                seconds=min(10.0, args.latency_seconds),
+                runs=args.runs,
+                messages=args.messages,
+                parts=["latency", "drain"],
+                log_dir=log_dir,
+                say=say,
             ),
         ),
         "startup": (

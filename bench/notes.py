@@ -73,8 +73,8 @@ HOW_TIMED = """## How each figure was timed
   in the header `x-bench-sent-ns` of each message as it writes it, and does not wait for confirms
   between ticks. In the same event loop it reads the stream with `XREAD BLOCK` and takes, for
   each entry, the time it was read minus the time in its `headers` field. The first second is
-  warm-up, left out of the percentiles (it is in the raw results). Default batch settings: 500
-  messages or 5 ms.
+  warm-up, left out of the percentiles (it is in the raw results). Default batch settings: up
+  to 500 messages, no linger (natural batching).
 - **Memory (5)**: the worker's peak RSS while draining the backlog (pre-filled before it starts).
 - **Start-up (6)**: from `Popen` to the first `/ready` 200, polled every 5 ms, five times per role.
 """
