@@ -250,6 +250,27 @@ async def queue_depth(queue: str, *, url: str = AMQP_URL) -> int:
         return int(q.declaration_result.message_count or 0)
 
 
+async def ready_and_unacked(queue: str) -> tuple[int, int]:
+    """Messages the queue still owns: (ready, delivered but unacked), via rabbitmqctl."""
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == queue:
+            return int(parts[1]), int(parts[2])
+    raise AssertionError(f"queue {queue} not listed")
+
+
 async def delete_queues(*queues: str, url: str = AMQP_URL) -> None:
     connection = await aio_pika.connect(url)
     async with connection:

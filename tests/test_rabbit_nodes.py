@@ -35,6 +35,7 @@ from tests.helpers import (
     delete_keys,
     delete_queues,
     publish,
+    ready_and_unacked,
     stream_message_ids,
     unique,
 )
@@ -72,6 +73,10 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
     finally:
         worker.stop_requested.set()
         await asyncio.wait_for(task, 15)
+
+
+async def settled(queue: str) -> bool:
+    return await ready_and_unacked(queue) == (0, 0)
 
 
 async def drain(queue: str) -> list[str]:
@@ -135,6 +140,9 @@ to = [ {{ stream = "{stream}" }}, {{ exchange = "{exchange}", routing_key = "k" 
             within=10,
             what="ready",
         )
+        # Counted once written to the socket: a cut before RabbitMQ has read the ack would have
+        # it deliver the message again (AMQP's at-least-once, not the worker's doing).
+        await async_wait_for(lambda: settled(queue), within=10, what=f"{name} settled")
 
     def node_series() -> dict[str, str]:
         return {

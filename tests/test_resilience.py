@@ -22,6 +22,7 @@ from tests.helpers import (
     delete_queues,
     publish,
     queue_depth,
+    ready_and_unacked,
     redis_url_via,
     stream_length,
     stream_message_ids,
@@ -133,7 +134,7 @@ async def test_redis_outage_holds_without_acking(tmp_path: Path, names: dict[str
             # Held, not acked: every message published during the outage is still in the queue
             # (ready or unacked), none was dropped.
             assert worker.get("/ready")[0] == 503
-            ready, unacked = await _ready_and_unacked(names["queue"])
+            ready, unacked = await ready_and_unacked(names["queue"])
             assert ready + unacked == count - 1000
             assert unacked <= 1000  # prefetch: the worker stopped taking deliveries
             assert ready >= count - 2000
@@ -145,27 +146,6 @@ async def test_redis_outage_holds_without_acking(tmp_path: Path, names: dict[str
             await async_wait_for(lambda: worker.get("/ready")[0] == 200, within=10)
             logs = worker.logs()
     assert "retry" in logs and "held, not acked" in logs
-
-
-async def _ready_and_unacked(queue: str) -> tuple[int, int]:
-    """Messages the queue still owns: (ready, delivered but unacked), via rabbitmqctl."""
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await process.communicate()
-    for line in out.decode().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == queue:
-            return int(parts[1]), int(parts[2])
-    raise AssertionError(f"queue {queue} not listed")
 
 
 async def test_consumption_resumes_after_the_amqp_connection_is_cut(
