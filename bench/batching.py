@@ -8,7 +8,10 @@
   consumes, with default batch settings. For the stream bridge the bench reads the stream with
   ``XREAD BLOCK``; for the relay it consumes the queue bound to the destination exchange. Each
   message's latency is the time it was read minus the time in its header; the first second is
-  warm-up, left out of the percentiles.
+  warm-up, left out of the percentiles. Two peers run in the same rounds, in the same rig: the
+  RabbitMQ Shovel (on-confirm) into the same kind of exchange and bound queue, the relay's peer;
+  and the rig's floor, the reader consuming the source queue itself with nothing between (what
+  publishing, one pass through RabbitMQ and the reading cost at that rate on this machine).
 - **Drain A/B**: the 100,000-message drain of workloads 1 and 2, once with ``max_delay_ms = 5``
   (the fixed linger this replaced) and once with the default (natural batching), alternating in
   each round (the order flips every round); a round's ratio is natural over linger.
@@ -35,6 +38,9 @@ from proxy.amqp.endpoint import Endpoint
 LINGER_MS = 5.0  # the fixed linger natural batching replaced: the A side of the drain A/B
 TARGETS = {2000.0: (3.0, 10.0), 8000.0: (5.0, None)}  # rate: (p99 ms, max ms) wanted
 ROLES = {"bridge": "workers.stream_bridge", "relay": "workers.exchange_relay"}
+# Measured beside the roles in each latency round: the relay's peer and the rig's own floor.
+PEERS = ("shovel", "floor")
+LABELS = {"shovel": "RabbitMQ Shovel (relay's peer)", "floor": "floor: no forwarder"}
 READER_PREFETCH = 10_000
 
 
@@ -81,31 +87,40 @@ async def latency_run(
     """One paced run against a fresh worker of ``role``: percentiles of the steady part."""
     queue = brokers.unique("q")
     await brokers.declare_queue(queue)
+    output = bound = queue  # the floor: the reader takes the source queue itself
+    read: Callable[[str, Callable[[], int | None]], Any] = _read_queue
     if role == "bridge":
         output = bound = brokers.unique("s")
-        destination = workloads.stream_to(output)
         read = workloads._read_latencies  # the stream, with XREAD BLOCK
-    else:
+    elif role in ("relay", "shovel"):
         output, bound = brokers.unique("x"), brokers.unique("dest")
         await brokers.declare_queue(bound, exchange=output)
-        destination = workloads.exchange_to(output)
-        read = _read_queue
-    proc, port = workloads.start_proxy(
-        ROLES[role], [], queue, [destination], log_dir, f"latency-{role}-{queue}", _env(linger_ms)
-    )
+    handle: workloads.Handle | None = None
     try:
-        await asyncio.to_thread(wait_ready, proc, port)
+        if role in ROLES:
+            destination = (
+                workloads.stream_to(output) if role == "bridge" else workloads.exchange_to(output)
+            )
+            proc, port = workloads.start_proxy(
+                ROLES[role], [], queue, [destination], log_dir, f"latency-{role}-{queue}",
+                _env(linger_ms),
+            )  # fmt: skip
+            handle = proc
+            await asyncio.to_thread(wait_ready, proc, port)
+        elif role == "shovel":
+            handle = await asyncio.to_thread(workloads.Shovel, queue, output)
         published: list[int] = []
         reader = asyncio.create_task(read(bound, lambda: published[0] if published else None))
         published.append(await workloads._paced_publish(queue, rate, seconds))
         latencies = await asyncio.wait_for(reader, 60)
-        cpu = proc.cpu_seconds()
+        cpu = handle.cpu_seconds() if handle is not None else 0.0
     finally:
-        proc.stop()
+        if handle is not None:
+            await asyncio.to_thread(handle.stop)
         await brokers.delete_queue(queue)
         if role == "bridge":
             await brokers.delete_keys(output)
-        else:
+        elif output != queue:
             await brokers.delete_queue(bound)
             await brokers.delete_exchange(output)
     warmup = min(1.0, seconds / 10)
@@ -184,10 +199,10 @@ async def run(
     lingers: list[float | None] = [None, LINGER_MS] if "linger-latency" in parts else [None]
     if "latency" in parts:
         for round_ in range(runs):
-            for role in roles:
+            for role in [*roles, *PEERS]:
                 for rate in rates:
-                    order = lingers if round_ % 2 == 0 else lingers[::-1]
-                    for linger in order:
+                    order = lingers if round_ % 2 == 0 and role in ROLES else lingers[::-1]
+                    for linger in order if role in ROLES else [None]:
                         result = await latency_run(role, rate, seconds, log_dir, linger_ms=linger)
                         result["round"] = round_
                         results["latency"].append(result)
@@ -213,8 +228,10 @@ def summary(results: dict[str, Any]) -> list[str]:
     for (role, rate, linger), runs in by_case.items():
         p99 = statistics.median(r["p99_ms"] for r in runs)
         worst = max(r["max_ms"] for r in runs)
-        wanted = TARGETS.get(rate) if linger is None else None
+        wanted = TARGETS.get(rate) if linger is None and role in ROLES else None
         verdict = "" if linger is None else f" (linger {linger:g} ms, for comparison)"
+        if role in PEERS:
+            verdict = " (peer, for comparison)"
         if wanted is not None:
             p99_ok = p99 <= wanted[0]
             max_ok = wanted[1] is None or worst <= wanted[1]
@@ -249,7 +266,7 @@ def target_rows(results: dict[str, Any]) -> list[list[str]]:
             by_case.setdefault((result["role"], result["rate"]), []).append(result)
     for (role, rate), runs in sorted(by_case.items()):
         wanted = TARGETS.get(rate)
-        if wanted is None:
+        if wanted is None or role not in ROLES:
             continue
         p99 = statistics.median(r["p99_ms"] for r in runs)
         rows.append(
@@ -280,7 +297,10 @@ def section(results: dict[str, Any]) -> str:
         "batch. Latency: publish to visible (read from the stream, or consumed from the queue "
         "bound to the relay's exchange), default settings, the first second left out. "
         "Drains: 100,000 messages, the same worker with `max_delay_ms = 5` (the linger this "
-        "replaced) and with the default, alternating. This part alone: "
+        "replaced) and with the default, alternating. Beside them, in the same rounds and rig: "
+        "the RabbitMQ Shovel (on-confirm, into the same exchange and bound queue), the relay's "
+        "peer, and the rig's floor, the reader consuming the source queue itself (publishing, "
+        "one pass through RabbitMQ and reading, at that rate on this machine). This part alone: "
         "`uv run python -m bench.batching`.\n",
         "| role | msg/s | batching | p50 ms | p99 ms | max ms | every run: p99 / max |",
         "|---|---|---|---|---|---|---|",
@@ -291,8 +311,11 @@ def section(results: dict[str, Any]) -> str:
     for (role, rate, linger), runs in by_case.items():
         every = "; ".join(f"{r['p99_ms']:.2f} / {r['max_ms']:.1f}" for r in runs)
         how = "natural" if linger is None else f"linger {linger:g} ms"
+        if role in PEERS:
+            how = "-"
+        p50 = statistics.median(r["p50_ms"] for r in runs)
         out.append(
-            f"| {role} | {rate:,.0f} | {how} | {statistics.median(r['p50_ms'] for r in runs):.2f} "
+            f"| {LABELS.get(role, role)} | {rate:,.0f} | {how} | {p50:.2f} "
             f"| {statistics.median(r['p99_ms'] for r in runs):.2f} "
             f"| {max(r['max_ms'] for r in runs):.1f} | {every} |"
         )

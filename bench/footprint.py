@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import psutil  # type: ignore[import-untyped]
@@ -215,7 +216,9 @@ async def _until(check: Callable[[], Awaitable[bool]], within: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def measure(role: str, situation: str, args: argparse.Namespace, log_dir: Path) -> dict:
+async def measure(
+    role: str, situation: str, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
     topology = Topology(role)
     await topology.declare()
     client = brokers.redis_client()
