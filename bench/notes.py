@@ -109,84 +109,68 @@ PEERS = """## The peers
 
 PROFILE = """## Profile: where the time per message goes
 
-`py-spy record --format raw -r 250 --pid <worker>` over a 100,000-message drain on this machine
-(uvloop, hiredis, default batch settings; py-spy's sampling slows the worker by about a third).
+The CPU side is section 0 (instructions per message, stage by stage) and *Where the
+instructions go* below. The wall-clock side, per role:
 
-**Stream bridge** (~55 us of worker CPU per message unprofiled). Of the event loop's busy time:
+**Stream bridge.** It is not held by its own CPU: ~20 us of worker CPU per message in the
+drains (section 1) against ~40 us of RabbitMQ's and ~4 of Redis's, on two cores shared with the
+bench. A batch waits for one XADD pipeline per destination node (a loopback round trip plus
+Redis's work), and what arrives meanwhile makes the next batch, so the drain rate follows the
+broker's delivery rate. Past ~20,000 msg/s on this machine it is the two cores: RabbitMQ's
+delivery, the worker and Redis together.
 
-- **~45 %: the Redis sink.** Packing the batch's XADDs as one RESP buffer (~15 %), reading the
-  replies (~15 %), encoding each message's entry fields (~7 %), the timeout around the round trip.
-- **~35 %: receiving**, in message-proxy's own consuming client (`proxy/amqp/connection.py`):
-  cutting frames, decoding `basic.deliver` and the content header by hand (the header table and the
-  properties are most of it), building the `Message`. ~10 us per message measured alone (hot-path
-  table), against ~23 us for pamqp's decoder alone and ~30 us for the whole of aiormq's receive
-  path (its frame reader, two asyncio queues and a Task per delivery), which this client replaced.
-- **~20 %: the pipeline.** Routing, planning, settling, metrics (the end-to-end latency
-  histogram, a quarter of it while it was observed per message, is now counted per batch).
+**Relay.** Its limit is neither its own CPU (~21 us per message, a fifth of a core at 9,000
+msg/s) nor RabbitMQ's schedulers (1.16 cores busy of two, against 1.41 under the Shovel) but the
+cycle of one batch: the worker encodes it, RabbitMQ takes the publishes through one channel into
+one queue process and confirms them (35-50 ms for 500 persistent messages while the source queue
+is being drained), the worker acks, and only then does the next batch go out. A bare publisher
+(no consumer running) gets ~14,000 persistent msg/s through the same path whether it waits for
+each batch of 500 to be confirmed or keeps 1,000 unconfirmed: the broker's path into one queue is
+serial, so a second batch in flight did not shorten the drain when it was prototyped (one vs two
+in flight, medians of 4: 6,389 vs 6,508 msg/s), nor did acking each confirmed part as its
+confirms arrive (6,370 vs 6,231). The drain is level with the Shovel's (section 2: 0.98x, rounds
+0.82-1.04), which a 5-round median on this machine cannot tell from 1.0.
 
-**Relay** (~40-50 us per message unprofiled): receiving is half of its busy time (the same client),
-publishing a fifth (the delivered properties are passed on byte for byte, only the hop count is
-spliced into the header table), the pipeline the rest. Its limit is neither its own CPU nor
-RabbitMQ's schedulers but the cycle of one batch: the worker plans and encodes it, RabbitMQ takes
-the 500 publishes through one channel into one queue process and confirms them (35-50 ms for 500
-persistent messages while the source queue is being drained), the worker acks, and only then
-does the next batch go out. Measured during 100,000-message drains (`rabbitmq-diagnostics
-runtime_thread_stats`, `vmstat`): RabbitMQ's two schedulers ~30 % busy under the relay against
-~60 % under the Shovel, and the machine a third idle under the relay, a fifth under the Shovel.
-Garbage collection of the two queue processes, whose heaps hold the backlogs (80-140 MB each),
-is ~70 us of RabbitMQ's CPU per message under both (the table above).
-A bare publisher (no consumer running) gets ~14,000 persistent msg/s through the same path
-whether it waits for each batch of 500 to be confirmed or keeps 1,000 unconfirmed: the broker's
-path into one queue is serial, so a second batch in flight does not shorten it (below). Not
-settled: why the Shovel gets more through the same path. Its steady flow of single publishes
-may suit the queue processes better than bursts of 500, but smaller batches with more of them in
-flight (100 x 10, 50 x 20) did not gain when measured in an earlier session, so it is not simply
-the size of the bursts.
+**Latency (section 8).** Read each figure against the rig's floor measured in the same rounds:
+the bench publishing at the rate and reading the source queue itself, nothing between. At 2,000
+msg/s the floor's p99 is ~2.5 ms and its max reached 12.7 ms in one of five runs: the publisher,
+RabbitMQ and the reader share two cores with everything else, so a max <= 10 ms target sits in
+the rig's own tail. The stream bridge adds ~0.6 ms at p50 and ~0.7 ms at p99 (its rounds 2.05 to
+4.48 ms, the target 3 met in two of five). At 8,000 msg/s the floor's own p99 is 4.2-6.6 ms, at
+or above the 5 ms target before anything forwards; the bridge's is ~1.7 ms above it. The relay's
+tail is the confirm wait: a message that arrives while a batch waits for its confirms goes out
+only after them, where the Shovel publishes each message at once and keeps up to its prefetch
+unconfirmed. That is its p99 above the Shovel's at 2,000 msg/s (4.5 vs 3.5 ms) and at 8,000 msg/s,
+90 % of its drain rate, its queueing (p99 30 vs 19 ms). What would take it: writing the next
+batch while the previous one waits for its confirms, settled in order; prototyped for throughput
+(no gain, above) but not for latency, where it is the lever.
 
-**Beyond the ack-only ceiling.** message-proxy now forwards every message to Redis faster than
-a plain aio-pika consumer that only acks: the ceiling pays aio-pika's receive path (pamqp's
-general decoder, aiormq's queues and Task per delivery, then aio-pika's `IncomingMessage`:
-over 40 us per message for the decoding and the wrapper alone, hot-path table), message-proxy's
-own client ~10 us. What made the difference, in order:
-hand-packed RESP in the Redis sink (~37 -> ~15 us), then receiving without aiormq (~31 -> ~10 us).
-What is left to take, if it is ever worth it:
+**What is left to take, if it is ever worth it:**
 
-1. **Decode properties lazily**: the relay (and a route on the routing key alone) never reads most
-   of them; ~5 us.
-2. **Ack each confirmed part of a batch as its confirms arrive** (what the Shovel does, message by
-   message): the source refills during the confirm wait instead of after it. Prototyped (an ack
-   every 50 confirms) and measured in the same runs: 6,370 vs 6,231 msg/s, medians of 3, noise;
-   not shipped (it splits the one place that settles). Prefetch 2,000 instead of 1,000 gave
-   8,048 vs 7,067 in two rounds, but every peer is compared at 1,000.
-3. **Several batches in flight for the relay**: writing batch k+1 while batch k waits for its
-   confirms, settling in order. Built twice as a prototype and measured in the same runs: 6,389
-   vs 6,508 msg/s (one vs two in flight, medians of 4), 8,048 vs 7,836 with prefetch 2,000; no
-   gain beyond the noise, for the reason above, so not shipped. It would pay for a destination
-   broker far away (`[amqp_out]` across a WAN), where the wait is the network's. What did pay: no
-   Task for a batch with one destination, so its write goes out before the loop reads the next
-   deliveries (relay 6,473 -> 7,413 msg/s, same runs, ahead in all three).
-4. **More cores**: at ~50-65 + ~40-47 + ~5 us per message across the worker, RabbitMQ and Redis,
-   two cores top out near 17,000-20,000 msg/s whatever the worker does. Past that, more workers
-   (per-queue order is then per worker; see the README).
+1. **Decode the relay's properties lazily**: the relay passes the delivered properties on byte
+   for byte and a route on the routing key reads none of them but the hop count, yet *receive*
+   decodes them all for every message (`_properties` and `decode_table`, ~47k instructions per
+   message, ~30 % of the relay's count).
+2. **Several batches in flight for the relay** (the latency lever above), or prefetch 2,000
+   instead of 1,000 (8,048 vs 7,067 msg/s in two rounds of an earlier session; every peer here
+   is compared at 1,000).
+3. **More cores**: two cores top out near 20,000-25,000 msg/s for the bridge whatever the worker
+   does (RabbitMQ's delivery is ~40 us per message of it). Past that, more workers (per-queue
+   order is then per worker; see the README).
 """
 
 
 VARIATION = """## Run-to-run variation
 
-This machine is shared and its speed moves within an hour, not only between days: on the day of
-the figures above, comparisons of the relay and the Shovel run minutes apart (medians of 2 to 4
-rounds) gave the Shovel 8,124, 9,254, 6,813 and 7,811 msg/s (single runs from 6,186 to 10,365)
-and the relay 5,980 to 7,413 (single runs 5,417 to 7,733); the ack-only ceiling ran at
-5,025-7,100 against 11,665 in the first session's invocation. Only ratios from one invocation
-are compared, and even those spread: 0.75, 0.96 and 0.93 for the relay in the three rounds
-above, 0.74, 0.81 and 1.04 in an invocation an hour earlier.
-Latency moves with the broker's load: the latency workload run back to back on the code at the
-start and at the end of this session gave p99 11.1 / 12.3 / 11.2 ms (start) and 10.9 / 11.7 /
-10.9 ms (end), an hour after three 10-second runs of the starting code had given 9.7 / 9.1 /
-9.7 ms; 9.0-10.0 ms in a quieter invocation of an earlier session. At 2,000 msg/s
-the worker adds the 5 ms batch deadline and about a millisecond (measured inside the worker:
-a message arrives 0.55 ms p50 after its publish, and a batch's XADDs are answered 1.2 ms p50
-after its flush starts); the rest of the tail is the broker, the reader and the machine.
+This machine is shared and its speed moves within an hour, not only between days. In the
+invocation above, message-proxy's own drain into one stream ran at 15,948 to 25,153 msg/s across
+its 20 runs of section 1 (the same code, the same backlog), and the Shovel at 8,311 to 10,446.
+Only ratios from one invocation are compared, and even those spread: 0.82 to 1.04 for the relay
+against the Shovel in the five rounds of section 2, 1.54 to 1.83 against the aiormq ceiling. An
+earlier session's invocations gave the relay 0.75, 0.96 and 0.93 in one, 0.74, 0.81 and 1.04 an
+hour earlier. Latency moves with the load the same way: the floor of section 8 (nothing
+forwarding) has a p99 from 4.2 to 6.6 ms at 8,000 msg/s across the five rounds of one
+invocation.
 """
 
 
@@ -273,4 +257,14 @@ What would pay most, in instructions per message saved (estimates from the per-f
    the start-up objects.
 
 Items 1 and 2 alone come to about a third of the bridge's count.
+
+**What was taken, and where the rest goes now.** Items 1 and 2 (RESP packed and read by hand),
+3 (the content header read inline in one pass), 4 (per-batch bookkeeping, NamedTuples made without
+their Python-level `__new__`) and 5 (`gc.freeze()` after start-up) are done: section 0's tables
+give the counts after them. Of the stream bridge's ~163,000 plain, *receive* is now half
+(~89,000: the properties ~25,000, the delivery's frames ~22,000, the header table ~22,000, for
+messages with three headers), *encode* a fifth (~35,000, most of it one `%`-format per entry),
+*write* ~15,000, *route* ~10,500, *settle* ~10,000, *batch* ~6,000, garbage collection ~5,000.
+The relay's ~152,000 are the same receive (~89,000), *encode* ~23,000 and *write* ~16,000: its
+next step is item 1 of the list above (properties it only passes on, not decoded).
 """
