@@ -201,8 +201,8 @@ async def run(
         for round_ in range(runs):
             for role in [*roles, *PEERS]:
                 for rate in rates:
-                    order = lingers if round_ % 2 == 0 and role in ROLES else lingers[::-1]
-                    for linger in order if role in ROLES else [None]:
+                    order = lingers if round_ % 2 == 0 else lingers[::-1]
+                    for linger in order if role in ROLES else [None]:  # a peer has no linger
                         result = await latency_run(role, rate, seconds, log_dir, linger_ms=linger)
                         result["round"] = round_
                         results["latency"].append(result)
